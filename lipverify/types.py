@@ -215,7 +215,12 @@ class Problem:
                              f"{labels.shape}")
         if not np.issubdtype(labels.dtype, np.integer):
             raise InputError(f"labels must be integers, got {labels.dtype}")
-        props = tuple(Property.robust(int(t), num_outputs) for t in labels)
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_outputs):
+            raise InputError(f"labels must lie in [0, {num_outputs - 1}], got "
+                             f"{labels.min()}..{labels.max()}")
+        # One shared (immutable) Property per class keeps large batches cheap.
+        by_label = {int(t): Property.robust(int(t), num_outputs) for t in np.unique(labels)}
+        props = tuple(by_label[int(t)] for t in labels)
         return cls(np.asarray(inputs), props, perturbation, want_radius)
 
     def __len__(self) -> int:
