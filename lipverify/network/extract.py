@@ -241,8 +241,11 @@ def _fold_into_next(diag: Diagonal, nxt: Layer) -> list[Layer] | None:
                 bias = nxt.bias + bias_map[:, 0, 0]
                 return [Conv(weight, bias, nxt.in_shape, nxt.out_shape, nxt.stride,
                              nxt.padding, nxt.dilation, nxt.groups)]
-        # With zero padding the shift is not constant at the border: keep it as a translation.
-        return [Shift(diag.full(diag.shift).clone(), diag.in_shape), scaled]
+        # With zero padding the shift is not constant at the border: keep it as a translation,
+        # before the scaling (s*x + t = s*(x + t/s), and zero padding commutes with scaling).
+        if torch.any(diag.scale == 0):
+            return None
+        return [Shift(diag.full(diag.shift / diag.scale).clone(), diag.in_shape), scaled]
     return None
 
 
