@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -10,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lipverify.cli.common import add_model_args, load_model, select_backends
+from lipverify.cli.common import add_model_args, build_backends, load_model
+from lipverify.config import RunConfig, apply_overrides, load_config
 from lipverify.data import load_data
 from lipverify.errors import InputError
 from lipverify.network.load import check_inputs
@@ -20,8 +23,6 @@ from lipverify.run.records import RecordWriter, eps_key, read_records
 from lipverify.run.summary import format_table, summarise
 from lipverify.types import Norm
 
-DEFAULT_EPS = (0.1, 0.3, 0.5)
-DEFAULT_BACKENDS = ("attack", "spectral", "lirpa", "local", "lipsdp", "l2prop", "alpha-crown")
 
 HELP = """\
 Certify every input of a data set at one or more radii. Without arguments it runs the shipped
@@ -33,6 +34,7 @@ examples:
   lipverify certify
   lipverify certify --model net.onnx --data images.npz --norm 2 --eps 0.1 0.25 --out r.jsonl
   lipverify certify --backends spectral,lipsdp --norm 2 --eps 0.5 --json
+  lipverify certify configs/digits_mlp.yaml --set backends.lipsdp.solver=CLARABEL
 """
 
 
@@ -50,69 +52,97 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the subcommand."""
     p = sub.add_parser("certify", help="Certify a data set (certified accuracy per eps).",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", default=None,
+                   help="A YAML run configuration (see `lipverify config --defaults`); "
+                        "command-line options override it.")
     add_model_args(p)
-    p.add_argument("--data", default="digits",
+    p.add_argument("--data", default=None,
                    help="'digits' (scikit-learn's bundled digits, test split) or a .npz with "
                         "arrays x (inputs) and y (integer labels). Default: digits.")
     p.add_argument("--limit", type=int, default=None, help="Use only the first N inputs.")
-    p.add_argument("--norm", default="2", choices=("2", "inf"), help="Perturbation norm.")
-    p.add_argument("--eps", type=_eps, nargs="+", default=list(DEFAULT_EPS),
-                   help=f"One or more radii. Default: {' '.join(map(str, DEFAULT_EPS))}.")
+    p.add_argument("--norm", default=None, choices=("2", "inf"), help="Perturbation norm "
+                   "(default 2).")
+    p.add_argument("--eps", type=_eps, nargs="+", default=None,
+                   help="One or more radii. Default: 0.1 0.3 0.5.")
     p.add_argument("--backends", default=None,
                    help="Comma-separated backends, cheapest run first, or 'all'. Default: "
-                        + ",".join(DEFAULT_BACKENDS) + " (those that support the problem).")
-    p.add_argument("--mode", default="budget", choices=("budget", "radius"),
+                        + ",".join(RunConfig().backends) + ".")
+    p.add_argument("--mode", default=None, choices=("budget", "radius"),
                    help="budget: an input leaves the cascade once resolved at eps; radius: "
                         "every backend runs and the largest certified radius is kept.")
-    p.add_argument("--batch-size", type=int, default=256, help="Inputs per cascade batch.")
+    p.add_argument("--batch-size", type=int, default=None, help="Inputs per cascade batch.")
+    p.add_argument("--seed", type=int, default=None, help="Random seed (default 0).")
     p.add_argument("--out", type=Path, default=None, help="JSONL file of per-input records.")
     p.add_argument("--resume", action="store_true",
                    help="Skip (input, eps) records already in --out and append the rest.")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override a config key, e.g. backends.lipsdp.solver=CLARABEL.")
     p.add_argument("--json", action="store_true", help="Print the summary as JSON on stdout.")
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     p.set_defaults(run=run)
 
 
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """The run configuration: file (if any), then --set overrides, then explicit options."""
+    config = load_config(args.config) if args.config else RunConfig()
+    config = apply_overrides(config, args.set)
+    explicit: dict = {}
+    for key in ("data", "limit", "norm", "eps", "mode", "batch_size", "seed", "arch"):
+        if getattr(args, key, None) is not None:
+            explicit[key] = getattr(args, key)
+    if args.model is not None:
+        explicit["model"] = str(args.model)
+    if args.out is not None:
+        explicit["out"] = str(args.out)
+    if args.input_shape is not None:
+        explicit["input_shape"] = [int(v) for v in args.input_shape.replace("x", ",").split(",")
+                                   if v]
+    if args.trust_pickle:
+        explicit["trust_pickle"] = True
+    if args.backends is not None:
+        names = [n.strip() for n in args.backends.split(",") if n.strip()]
+        explicit["backends"] = {n: config.backends.get(n) or {} for n in names}
+    return dataclasses.replace(config, **explicit)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the subcommand."""
-    if args.resume and args.out is None:
+    config = resolve_config(args)
+    out = Path(config.out) if config.out else None
+    if args.resume and out is None:
         raise InputError("--resume needs --out")
-    if args.limit is not None and args.limit <= 0:
+    if config.limit is not None and config.limit <= 0:
         raise InputError("--limit must be positive")
-    network = load_model(args)
-    x, y = load_data(args.data, args.limit)
+    if not config.eps or any(not np.isfinite(e) or e <= 0 for e in config.eps):
+        raise InputError(f"eps must be positive finite numbers, got {config.eps}")
+    network = load_model(config, args.device)
+    x, y = load_data(config.data, config.limit)
     check_inputs(network, x)
     if len(y) and (y.min() < 0 or y.max() >= network.num_outputs):
-        raise InputError(f"labels must lie in [0, {network.num_outputs - 1}]")
-    norm = Norm.parse(args.norm)
-    names = args.backends or ",".join(DEFAULT_BACKENDS)
-    backends = select_backends(args, names, DEFAULT_BACKENDS)
-    previous = read_records(args.out) if args.resume and args.out else []
+        raise InputError(f"labels must lie in [0, {network.num_outputs - 1}], got "
+                         f"{y.min()}..{y.max()}")
+    norm = Norm.parse(config.norm)
+    backends = build_backends(args, config.backends, config.seed)
+    previous = read_records(out) if args.resume and out else []
     done = frozenset((r["index"], r["eps_key"]) for r in previous)
-    job = CertifyJob(x, y, tuple(args.eps), norm, tuple(backends), Mode(args.mode),
-                     args.batch_size, done)
-    total = len(x) * len(args.eps) - sum(1 for i, k in done
-                                         if k in {eps_key(e) for e in args.eps})
+    eps_values = tuple(float(e) for e in config.eps)
+    job = CertifyJob(x, y, eps_values, norm, tuple(backends), Mode(config.mode),
+                     config.batch_size, done)
+    keys = {eps_key(e) for e in eps_values}
+    total = len(x) * len(eps_values) - sum(1 for _, k in done if k in keys)
     records = list(previous)
     bar = tqdm(total=max(total, 0), desc="certify", unit="input", file=sys.stderr,
-               disable=args.no_progress or not sys.stderr.isatty() and args.json)
-    writer = RecordWriter(args.out, resume=args.resume) if args.out else None
-    try:
-        if writer is not None:
-            writer.__enter__()
+               disable=args.no_progress)
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(RecordWriter(out, resume=args.resume)) if out else None
+        stack.callback(bar.close)
         for batch in iter_records(network, job, progress=bar.update):
             records.extend(batch)
             if writer is not None:
                 writer.write(batch)
-    finally:
-        bar.close()
-        if writer is not None:
-            writer.__exit__()
     names_run = [b.name for b in backends]
-    summary = summarise(records, args.eps, names_run)
-    summary["norm"] = norm.value
-    summary["backends"] = names_run
-    summary["model"] = str(args.model)
+    summary = summarise(records, eps_values, names_run)
+    summary.update(norm=norm.value, backends=names_run, model=config.model)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from lipverify.backends.base import Verifier
 from lipverify.backends.registry import BackendRegistry
+from lipverify.config import backend_options
 from lipverify.errors import InputError
 from lipverify.models import ARCHITECTURES, INPUT_SHAPE, load_shipped
 from lipverify.network.network import Network
@@ -23,7 +26,7 @@ def add_model_args(parser: argparse.ArgumentParser, positional: bool = False) ->
     if positional:
         parser.add_argument("model", help=help_model)
     else:
-        parser.add_argument("--model", default=DEFAULT_MODEL, help=help_model +
+        parser.add_argument("--model", default=None, help=help_model +
                             f" Default: {DEFAULT_MODEL}.")
     parser.add_argument("--arch", default=None,
                         help="Architecture of a state-dict .pt: a shipped name or "
@@ -47,25 +50,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(s) for s in text.replace("x", ",").split(",") if s)
-    except ValueError as exc:
-        raise InputError(f"bad --input-shape {text!r}: use e.g. 1,28,28") from exc
-
-
-def load_model(args: argparse.Namespace, attr: str = "model") -> Network:
-    """The network named by the arguments (shipped name or file)."""
+def load_model(config: Any, device: str = "auto") -> Network:
+    """The network a run configuration names (shipped name or file)."""
     from lipverify.network.load import load_network
 
-    spec = getattr(args, attr)
-    device = resolve_device(args.device)
-    if spec in ARCHITECTURES:
-        return load_network(load_shipped(spec), INPUT_SHAPE, device=device, name=spec)
-    return load_network(spec, _shape(args.input_shape), arch=args.arch,
-                        trust_pickle=args.trust_pickle, device=device)
+    dev = resolve_device(device)
+    if config.model in ARCHITECTURES:
+        return load_network(load_shipped(config.model), INPUT_SHAPE, device=dev,
+                            name=config.model)
+    shape = tuple(config.input_shape) if config.input_shape else None
+    return load_network(config.model, shape, arch=config.arch,
+                        trust_pickle=config.trust_pickle, device=dev)
 
 
 def registry(args: argparse.Namespace) -> BackendRegistry:
@@ -73,18 +68,26 @@ def registry(args: argparse.Namespace) -> BackendRegistry:
     return BackendRegistry.from_entry_points(disabled=getattr(args, "disable_backend", []))
 
 
-def select_backends(args: argparse.Namespace, names: str | Sequence[str] | None,
-                    default: Sequence[str]) -> list[Verifier]:
-    """Backends by comma-separated names (or `all`: every available one), cheapest first."""
+def build_backends(args: argparse.Namespace, sections: Mapping[str, Any] | Sequence[str],
+                   seed: int = 0) -> list[Verifier]:
+    """Backends by name with their validated options (`all`: every available one)."""
     reg = registry(args)
-    if names is None:
-        wanted = list(default)
-    elif isinstance(names, str):
-        wanted = [n.strip() for n in names.split(",") if n.strip()]
-    else:
-        wanted = list(names)
-    if wanted == ["all"]:
-        wanted = [name for name, _, why in reg.status() if why is None]
-    if not wanted:
+    if isinstance(sections, str):
+        sections = [n.strip() for n in sections.split(",") if n.strip()]
+    if not isinstance(sections, Mapping):
+        sections = {name: {} for name in sections}
+    if list(sections) == ["all"]:
+        sections = {name: {} for name, _, why in reg.status() if why is None}
+    if not sections:
         raise InputError("no backend selected")
-    return reg.create_many(wanted)
+    backends = []
+    for name, section in sections.items():
+        cls = reg.entry(name).load()
+        section = dict(section or {})
+        options_cls = getattr(cls, "Options", None)
+        if dataclasses.is_dataclass(options_cls) and "seed" in {
+                f.name for f in dataclasses.fields(options_cls)}:
+            section.setdefault("seed", seed)
+        options = backend_options(name, options_cls, section)
+        backends.append(cls(options) if options is not None else cls())
+    return sorted(backends, key=lambda b: b.cost)
