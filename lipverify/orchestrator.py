@@ -68,8 +68,14 @@ def _falsified_radius_conflict(index: int, falsified: Certificate, other: Certif
 
 def run_cascade(network: Network, problem: Problem, backends: Sequence[Verifier],
                 mode: Mode = Mode.BUDGET,
-                progress: Callable[[str, int], None] | None = None) -> Outcome:
-    """Run `backends` (cheapest first) and keep the best certificate per input."""
+                progress: Callable[[str, int], None] | None = None,
+                backend_timeout: float | None = None) -> Outcome:
+    """Run `backends` (cheapest first) and keep the best certificate per input.
+
+    `problem.deadline` bounds the whole cascade and `backend_timeout` each backend (both
+    cooperative: backends read `Problem.deadline`). Inputs left unresolved when the overall
+    deadline has passed end as `timeout`.
+    """
     n = len(problem)
     best: list[Certificate | None] = [None] * n
     per_backend: dict[str, list[Certificate | None]] = {}
@@ -82,7 +88,13 @@ def run_cascade(network: Network, problem: Problem, backends: Sequence[Verifier]
         per_backend[backend.name] = [None] * n
         if not todo:
             continue
+        if problem.expired():
+            skipped[backend.name] = "out of time"
+            continue
         sub = problem.subset(todo) if len(todo) < n else problem
+        if backend_timeout is not None:
+            own = time.monotonic() + backend_timeout
+            sub = sub.with_deadline(own if sub.deadline is None else min(own, sub.deadline))
         why = backend.supports(network, sub)
         if why is not None:
             skipped[backend.name] = why
@@ -103,7 +115,11 @@ def run_cascade(network: Network, problem: Problem, backends: Sequence[Verifier]
                 best[i] = cert
         if progress is not None:
             progress(backend.name, len(todo))
-    final = tuple(c if c is not None else Certificate(Status.UNKNOWN, "none") for c in best)
+    fallback = Status.TIMEOUT if problem.expired() else Status.UNKNOWN
+    final = tuple(c if c is not None and (c.status.resolved or fallback != Status.TIMEOUT)
+                  else Certificate(fallback, c.backend if c is not None else "none",
+                                   c.radius if c is not None else 0.0)
+                  for c in best)
     return Outcome(final, {k: tuple(v) for k, v in per_backend.items()}, skipped)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,13 +190,23 @@ class Problem:
     """A batch of inputs, one property each, and one perturbation for all.
 
     `want_radius` asks backends for the largest radius they can certify, not only the status at
-    `perturbation.eps`.
+    `perturbation.eps`. `deadline` is a `time.monotonic()` instant after which backends should
+    stop and answer `timeout`/`unknown` for what they have not resolved (cooperative).
     """
 
     inputs: np.ndarray
     properties: tuple[Property, ...]
     perturbation: Perturbation
     want_radius: bool = False
+    deadline: float | None = None
+
+    def time_left(self) -> float:
+        """Seconds until the deadline (infinite without one)."""
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
+    def expired(self) -> bool:
+        """True once the deadline has passed."""
+        return self.time_left() <= 0
 
     def __post_init__(self) -> None:
         if len(self.properties) != len(self.inputs):
@@ -240,7 +251,12 @@ class Problem:
         if pert.is_box:
             pert = Perturbation(pert.norm, pert.eps, pert.lower[index], pert.upper[index])
         return Problem(self.inputs[index], tuple(self.properties[i] for i in index), pert,
-                       self.want_radius)
+                       self.want_radius, self.deadline)
+
+    def with_deadline(self, deadline: float | None) -> Problem:
+        """The same problem with another deadline."""
+        return Problem(self.inputs, self.properties, self.perturbation, self.want_radius,
+                       deadline)
 
 
 def _clean(value: Any) -> Any:

@@ -69,3 +69,14 @@ def test_best_count_at_least_each_backend():
     out = run_cascade(_network(), _problem(), [a, b], Mode.RADIUS)
     c = counts(out)
     assert c["best"] >= max(c["a"], c["b"]) and c["best"] == 3
+
+
+def test_expired_deadline_gives_timeout_not_a_wrong_status():
+    import time
+
+    calls = []
+    a = _scripted("a", 1, [Status.VERIFIED] * 4, calls)
+    problem = _problem().with_deadline(time.monotonic() - 1)
+    out = run_cascade(_network(), problem, [a], Mode.BUDGET)
+    assert calls == [] and out.skipped == {"a": "out of time"}
+    assert all(c.status == Status.TIMEOUT for c in out.best)
