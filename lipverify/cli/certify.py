@@ -48,10 +48,8 @@ def _eps(text: str) -> float:
     return value
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register the subcommand."""
-    p = sub.add_parser("certify", help="Certify a data set (certified accuracy per eps).",
-                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by `certify` and `compare`: config, model, data, norm, eps, backends."""
     p.add_argument("config", nargs="?", default=None,
                    help="A YAML run configuration (see `lipverify config --defaults`); "
                         "command-line options override it.")
@@ -72,6 +70,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "every backend runs and the largest certified radius is kept.")
     p.add_argument("--batch-size", type=int, default=None, help="Inputs per cascade batch.")
     p.add_argument("--seed", type=int, default=None, help="Random seed (default 0).")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the subcommand."""
+    p = sub.add_parser("certify", help="Certify a data set (certified accuracy per eps).",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(p)
     p.add_argument("--out", type=Path, default=None, help="JSONL file of per-input records.")
     p.add_argument("--resume", action="store_true",
                    help="Skip (input, eps) records already in --out and append the rest.")
