@@ -50,6 +50,30 @@ class Diagonal:
         view = (-1,) + (1,) * (len(self.in_shape) - 1)
         return t.view(view).expand(self.in_shape)
 
+    @classmethod
+    def of(cls, scale: torch.Tensor, shift: torch.Tensor, shape: Shape) -> Diagonal:
+        """From whole-shape `scale` and `shift`, kept per channel when constant over space."""
+        shape = tuple(shape)
+
+        def compact(t: torch.Tensor) -> torch.Tensor:
+            t = t.reshape(shape)
+            if len(shape) == 3 and torch.equal(t, t[:, :1, :1].expand(shape)):
+                return t[:, 0, 0].clone()
+            return t.clone()
+
+        return cls(compact(scale), compact(shift), shape)
+
+    def then(self, other: Diagonal) -> Diagonal:
+        """`other(self(x))` as one diagonal map."""
+        scale = self.full(self.scale) * other.full(other.scale)
+        shift = self.full(self.shift) * other.full(other.scale) + other.full(other.shift)
+        return Diagonal.of(scale, shift, self.in_shape)
+
+    def reshaped(self, shape: Shape) -> Diagonal:
+        """The same map on the input reshaped to `shape` (as seen after a `Reshape`)."""
+        return Diagonal.of(self.full(self.scale).reshape(shape),
+                           self.full(self.shift).reshape(shape), shape)
+
 
 def _d(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float64).clone()
@@ -89,7 +113,7 @@ def _conv2d(m: nn.Conv2d, shape: Shape, name: str) -> Conv:
 
 
 def _avgpool(m: nn.AvgPool2d, shape: Shape, name: str) -> Conv:
-    if m.ceil_mode or (m.padding and not m.count_include_pad) or m.divisor_override:
+    if m.ceil_mode or (any(_pair(m.padding)) and not m.count_include_pad) or m.divisor_override:
         raise UnsupportedLayerError(f"{name} (AvgPool2d with ceil_mode, divisor_override or "
                                     "count_include_pad=False)", MODULE_BACKENDS)
     kh, kw = _pair(m.kernel_size)
@@ -206,7 +230,10 @@ def extract_layers(module: nn.Module, input_shape: Shape) -> tuple[Layer, ...]:
 def _diag_as_layers(diag: Diagonal) -> list[Layer]:
     """A diagonal map that could not be folded: a depthwise 1x1 conv (or a dense diagonal)."""
     shape = diag.in_shape
-    if len(shape) == 3 and diag.scale.numel() == shape[0]:
+    if torch.all(diag.scale == 1):  # a translation (or nothing): Lipschitz constant exactly 1
+        shift = diag.full(diag.shift)
+        return [Shift(shift.clone(), shape)] if torch.any(shift != 0) else []
+    if len(shape) == 3 and diag.scale.numel() == shape[0] == diag.shift.numel():
         c = shape[0]
         return [Conv(diag.scale.view(c, 1, 1, 1).clone(), diag.shift.clone(), shape, shape,
                      groups=c)]
@@ -256,7 +283,8 @@ def _fold_into_prev(prev: Layer, diag: Diagonal) -> Layer | None:
         shift = diag.full(diag.shift).reshape(-1)
         return Dense(prev.weight * scale[:, None], prev.bias * scale + shift, prev.in_shape,
                      prev.out_shape)
-    if isinstance(prev, Conv) and diag.scale.numel() == prev.out_shape[0]:
+    if isinstance(prev, Conv) and diag.scale.numel() == prev.out_shape[0] == \
+            diag.shift.numel():
         weight = prev.weight * diag.scale.view(-1, 1, 1, 1)
         return Conv(weight, prev.bias * diag.scale + diag.shift, prev.in_shape, prev.out_shape,
                     prev.stride, prev.padding, prev.dilation, prev.groups)
@@ -270,6 +298,13 @@ def _is_pure_pad(layer: Layer) -> bool:
             and layer.stride == (1, 1))
 
 
+def _merge_pad(pad: Conv, conv: Conv) -> Conv:
+    """Zero padding `pad` followed by `conv` as one convolution."""
+    padding = tuple(a + b for a, b in zip(pad.padding, conv.padding, strict=True))
+    return Conv(conv.weight, conv.bias, pad.in_shape, conv.out_shape, conv.stride, padding,
+                conv.dilation, conv.groups)
+
+
 def fold(layers: list[Layer | Diagonal]) -> list[Layer]:
     """Fold diagonal maps and explicit zero padding into neighbouring affine layers, exactly."""
     out: list[Layer] = []
@@ -278,12 +313,26 @@ def fold(layers: list[Layer | Diagonal]) -> list[Layer]:
     while i < len(items):
         item = items[i]
         if isinstance(item, Diagonal):
+            nxt = items[i + 1] if i + 1 < len(items) else None
+            if isinstance(nxt, Diagonal) and nxt.in_shape == item.in_shape:
+                items[i + 1] = item.then(nxt)  # compose consecutive diagonal maps first
+                i += 1
+                continue
             prev = out[-1] if out else None
             merged = _fold_into_prev(prev, item) if prev is not None else None
+            after = items[i + 2] if i + 2 < len(items) else None
+            padded = _merge_pad(nxt, after) if _is_pure_pad(nxt) and isinstance(
+                after, Conv) else None
+            through_pad = _fold_into_next(item, padded) if padded is not None else None
             if merged is not None:
                 out[-1] = merged
+            elif through_pad is not None:  # diagonal, zero padding, convolution: one conv
+                out.extend(through_pad)
+                i += 2
+            elif isinstance(nxt, Reshape) and isinstance(after, (Dense, Diagonal)):
+                out.append(nxt)  # move the diagonal past the reshape, towards the dense layer
+                items[i + 1] = item.reshaped(nxt.out_shape)
             else:
-                nxt = items[i + 1] if i + 1 < len(items) else None
                 folded = _fold_into_next(item, nxt) if isinstance(nxt, (Dense, Conv)) else None
                 if folded is not None:
                     out.extend(folded)
@@ -291,10 +340,7 @@ def fold(layers: list[Layer | Diagonal]) -> list[Layer]:
                 else:
                     out.extend(_diag_as_layers(item))
         elif _is_pure_pad(item) and i + 1 < len(items) and isinstance(items[i + 1], Conv):
-            nxt = items[i + 1]
-            pad = tuple(a + b for a, b in zip(item.padding, nxt.padding, strict=True))
-            out.append(Conv(nxt.weight, nxt.bias, item.in_shape, nxt.out_shape, nxt.stride, pad,
-                            nxt.dilation, nxt.groups))
+            out.append(_merge_pad(item, items[i + 1]))
             i += 1
         else:
             out.append(item)

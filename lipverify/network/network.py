@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lipverify.errors import ModelError
+from lipverify.errors import UnsupportedLayerError
 from lipverify.network.layers import Layer, Shape, run_layers
 
 
@@ -48,9 +48,9 @@ class Network:
             return self.module(t).reshape(t.shape[0], -1).double().cpu().numpy()
 
     def require_layers(self) -> tuple[Layer, ...]:
-        """The layer view, or a `ModelError` naming the unsupported layer."""
+        """The layer view, or an `UnsupportedLayerError` naming the layer and what still runs."""
         if self.layers is None:
-            raise ModelError(self.unsupported or "no layer view")
+            raise UnsupportedLayerError(self.unsupported or "(no layer view)")
         return self.layers
 
     def layer_forward(self, x: torch.Tensor) -> torch.Tensor:
