@@ -1,0 +1,1 @@
+"""L2-aware backward bound propagation (the `l2prop` backend's engine)."""

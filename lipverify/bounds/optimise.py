@@ -1,0 +1,79 @@
+"""Optimisation of the lower slopes (alpha) for the final objective rows, as alpha-CROWN does.
+
+Each iterate's slopes, clamped to `[0, 1]`, give a valid bound and the multipliers are re-chosen
+per iterate by `best_multiplier`, so optimisation only changes tightness. The best slopes per
+objective row (each row has its own slopes) are kept, and the returned bound is one plain
+evaluation of `propagate` at those slopes, with no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lipverify.bounds.chain import Chain
+from lipverify.bounds.propagation import Propagated, propagate
+from lipverify.bounds.relaxation import ReluBounds
+
+DEFAULT_ITERATIONS = 60
+DEFAULT_LR = 0.5
+DEFAULT_LR_DECAY = 0.98
+
+
+@dataclass(frozen=True)
+class SlopeOptions:
+    """Adam on the slopes: `iterations` steps (0: CROWN's slopes), learning rate and decay."""
+
+    iterations: int = DEFAULT_ITERATIONS
+    lr: float = DEFAULT_LR
+    lr_decay: float = DEFAULT_LR_DECAY
+    couple: bool = True
+
+
+def optimised_bound(chain: Chain, rows: torch.Tensor, x0: torch.Tensor, rho: torch.Tensor,
+                    relus: Sequence[ReluBounds], options: SlopeOptions | None = None,
+                    target: torch.Tensor | None = None) -> Propagated:
+    """Lower bounds `(B, S)` of `rows . f(x)` over the ball, slopes optimised.
+
+    `target` `(B, S)`: values past which a row needs no more work (e.g. its threshold `d`);
+    an input stops driving the loss once all its rows exceed their targets.
+    """
+    options = options or SlopeOptions()
+    end = chain.num_relus
+    batch, specs = rows.shape[:2]
+    alphas = [r.initial_alpha().unsqueeze(1).expand(batch, specs, -1).clone() for r in relus]
+    with torch.no_grad():
+        best = propagate(chain, end, rows, x0, rho, relus, alphas, options.couple)
+    if options.iterations <= 0 or not relus:
+        return best
+    best_alphas = [a.clone() for a in alphas]
+    best_bound = best.bound.clone()
+    params = [a.requires_grad_() for a in alphas]
+    opt = torch.optim.Adam(params, lr=options.lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, options.lr_decay)
+    for _ in range(options.iterations):
+        res = propagate(chain, end, rows, x0, rho, relus, params, options.couple)
+        bound = res.bound
+        with torch.no_grad():
+            better = bound > best_bound
+            best_bound = torch.where(better, bound, best_bound)
+            for a, b in zip(params, best_alphas, strict=True):
+                b.copy_(torch.where(better.unsqueeze(-1), a.clamp(0, 1), b))
+            if target is not None:
+                active = ~(best_bound > target).all(dim=1)
+                if not bool(active.any()):
+                    break
+            else:
+                active = torch.ones(batch, dtype=torch.bool, device=bound.device)
+        loss = -(bound * active.unsqueeze(1)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for a in params:
+                a.clamp_(0.0, 1.0)
+    with torch.no_grad():
+        return propagate(chain, end, rows, x0, rho, relus, best_alphas, options.couple)
