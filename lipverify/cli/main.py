@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from lipverify.errors import LipverifyError
 
 # Each name is a module `lipverify.cli.<name>` exposing `add_parser(subparsers)` and `run(args)`.
-SUBCOMMANDS = ("certify", "lipschitz", "compare", "backends", "config")
+SUBCOMMANDS = ("certify", "lipschitz", "compare", "backends", "config", "vnncomp")
 
 DESCRIPTION = """\
 lipverify proves neural networks robust: per input a sound certificate (verified with a

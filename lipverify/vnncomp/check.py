@@ -1,0 +1,112 @@
+"""Counterexamples checked on the ORIGINAL ONNX file with onnxruntime, before `sat` is written.
+
+A candidate input is accepted only when it lies in the case's box within `BOX_TOLERANCE` (the
+competition's tolerance) and the outputs onnxruntime computes for exactly the values that will be
+written violate the property (slack <= 0, no tolerance). The candidate is first projected onto
+the box so the written point lies inside it even after rounding to the network's input dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lipverify.errors import ModelError
+from lipverify.vnncomp.vnnlib import SpecCase
+
+log = logging.getLogger(__name__)
+
+# The competition accepts counterexamples up to this far outside the input box.
+BOX_TOLERANCE = 1e-4
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+               "tensor(float16)": np.float16}
+
+
+@dataclass(frozen=True)
+class Counterexample:
+    """An input (as written) and the outputs onnxruntime computes for it."""
+
+    x: np.ndarray
+    y: np.ndarray
+    margin: float
+
+
+class OnnxOracle:
+    """Evaluates the original ONNX file with onnxruntime on flat inputs."""
+
+    def __init__(self, path: str | Path) -> None:
+        import onnxruntime as ort  # a hard dependency, imported late to keep the CLI quick
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            raise ModelError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") \
+                from exc
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ModelError(f"{path} has {len(inputs)} inputs; VNN-COMP networks have one")
+        self.input_name = inputs[0].name
+        self.dtype = _ORT_DTYPES.get(inputs[0].type)
+        if self.dtype is None:
+            raise ModelError(f"{path}: unsupported input type {inputs[0].type}")
+        self.input_shape = tuple(d if isinstance(d, int) and d > 0 else 1
+                                 for d in inputs[0].shape)
+        self.num_inputs = math.prod(self.input_shape)
+        self.num_outputs = int(self.outputs(np.zeros(self.num_inputs)).size)
+
+    def cast(self, x: np.ndarray) -> np.ndarray:
+        """`x` rounded to the network's input dtype (as float64: the values that are written)."""
+        return np.asarray(x, dtype=np.float64).astype(self.dtype).astype(np.float64)
+
+    def outputs(self, x: np.ndarray) -> np.ndarray:
+        """Flat float64 outputs for one flat input."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.size != self.num_inputs:
+            raise ModelError(f"network takes {self.num_inputs} inputs, got {x.size}")
+        feed = {self.input_name: x.astype(self.dtype).reshape(self.input_shape)}
+        return np.asarray(self.session.run(None, feed)[0], dtype=np.float64).reshape(-1)
+
+
+def project_to_box(x: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+                   oracle: OnnxOracle) -> np.ndarray:
+    """`x` clipped to the box, then rounded to the input dtype without leaving the box."""
+    clipped = np.clip(np.asarray(x, dtype=np.float64).reshape(-1), lower, upper)
+    rounded = oracle.cast(clipped)
+    dtype = oracle.dtype
+    # Rounding may step just outside a bound that the dtype cannot represent: step back inside.
+    low = rounded < lower
+    rounded[low] = np.nextafter(rounded[low].astype(dtype), dtype(np.inf)).astype(np.float64)
+    high = rounded > upper
+    rounded[high] = np.nextafter(rounded[high].astype(dtype), dtype(-np.inf)).astype(np.float64)
+    return rounded
+
+
+def in_box(x: np.ndarray, case: SpecCase, tolerance: float = BOX_TOLERANCE) -> bool:
+    """True when every coordinate lies in the box within `tolerance`."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    return bool(x.shape == case.lower.shape and np.all(x >= case.lower - tolerance)
+                and np.all(x <= case.upper + tolerance))
+
+
+def check_counterexample(oracle: OnnxOracle, case: SpecCase, x: np.ndarray,
+                         tolerance: float = BOX_TOLERANCE) -> Counterexample | None:
+    """The written form of `x` when it is a real counterexample of `case`, else None."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    if x.size != case.lower.size or not np.all(np.isfinite(x)):
+        return None
+    for candidate in (project_to_box(x, case.lower, case.upper, oracle), oracle.cast(x)):
+        if not in_box(candidate, case, tolerance):
+            continue
+        y = oracle.outputs(candidate)
+        margin = case.prop.margin(y)
+        if np.all(np.isfinite(y)) and margin <= 0:
+            return Counterexample(candidate, y, margin)
+    log.info("candidate counterexample rejected by onnxruntime")
+    return None

@@ -1,0 +1,254 @@
+"""The backends of one instance, in this process or in a child the runner kills at the deadline.
+
+Backends are asked to stop at `Problem.deadline`, but a solver deep in C code may not look, and
+the competition's limit is hard. So by default the network is loaded and the backends run in a
+child process started from a fork server (a clean process that never ran torch: forking a
+process whose OpenMP pool is running deadlocks), and a late child is killed. The child dies
+with its parents too (Linux `PR_SET_PDEATHSIG`), so a runner killed by the harness leaves no
+backend running into the next instance.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import logging
+import multiprocessing
+import multiprocessing.forkserver
+import signal
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from lipverify.errors import BackendUnavailable, InputError, LipverifyError
+from lipverify.types import Certificate, Perturbation, Problem, Status
+from lipverify.vnncomp.vnnlib import SpecCase
+
+log = logging.getLogger(__name__)
+
+# Imported once by the fork server, so each child starts without paying for them (with the
+# modules of the registered backends; a module that fails to import is skipped there).
+PRELOAD = ("torch", "lipverify.vnncomp.worker", "lipverify.orchestrator",
+           "lipverify.network.load", "lipverify.network.onnx_import")
+_PR_SET_PDEATHSIG = 1
+
+
+class WorkerError(LipverifyError):
+    """The child failed to load the network or its backends (the message says why)."""
+
+
+class OutOfTime(LipverifyError):
+    """The deadline passed before the child was ready."""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What to load in the child.
+
+    Args:
+        onnx_path: The network file.
+        num_inputs: Inputs the property declares (checked against the loaded network).
+        num_outputs: Outputs the property declares.
+        backends: Backend names; empty means every available one.
+        disabled: Backend names to leave out.
+        device: Torch device name.
+        log_level: Logging level in the child (the parent's by default).
+
+    """
+
+    onnx_path: str
+    num_inputs: int
+    num_outputs: int
+    backends: tuple[str, ...] = ()
+    disabled: tuple[str, ...] = ()
+    device: str = "cpu"
+    log_level: int = field(default_factory=lambda: logging.getLogger().getEffectiveLevel())
+
+
+@dataclass(frozen=True)
+class BackendSummary:
+    """What the parent needs to know of a backend."""
+
+    name: str
+    cost: int
+    sound: bool
+
+
+class LocalBackends:
+    """The network (loaded and size-checked) and its backends, in this process."""
+
+    def __init__(self, options: BackendOptions, create: bool = True) -> None:
+        import torch
+
+        from lipverify.network.load import load_network
+
+        network = load_network(options.onnx_path, device=torch.device(options.device))
+        for what, declared, actual in (("inputs", options.num_inputs, network.input_size),
+                                       ("outputs", options.num_outputs, network.num_outputs)):
+            if declared != actual:
+                raise InputError(f"the property declares {declared} {what} but "
+                                 f"{options.onnx_path} has {actual}")
+        self.network = network
+        self.backends = {b.name: b for b in _create(options)} if create else {}
+
+    @property
+    def summaries(self) -> list[BackendSummary]:
+        """The backends, cheapest first."""
+        return sorted((BackendSummary(b.name, int(b.cost), bool(b.sound))
+                       for b in self.backends.values()), key=lambda s: (s.cost, s.name))
+
+    def wait_ready(self, deadline: float) -> list[BackendSummary]:
+        """The backends (already loaded in this process)."""
+        return self.summaries
+
+    def certify(self, name: str, case: SpecCase, deadline: float) -> tuple[Certificate,
+                                                                           str | None]:
+        """Backend `name` on one box (and why it skipped, if it did)."""
+        from lipverify.orchestrator import run_cascade
+
+        backend = self.backends[name]
+        shape = (1, *self.network.input_shape)
+        problem = Problem(case.centre.reshape(shape), (case.prop,),
+                          Perturbation.box(case.lower.reshape(shape), case.upper.reshape(shape)),
+                          deadline=deadline)
+        outcome = run_cascade(self.network, problem, [backend])
+        return outcome.best[0], outcome.skipped.get(name)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _create(options: BackendOptions) -> list[Any]:
+    from lipverify.backends.registry import BackendRegistry
+
+    registry = BackendRegistry.from_entry_points(disabled=options.disabled)
+    chosen = options.backends or tuple(registry.names)
+    out = []
+    for name in chosen:
+        try:
+            backend = registry.create(name)
+            why = backend.availability() if hasattr(backend, "availability") else None
+            if why is not None:
+                raise BackendUnavailable(f"{name}: unavailable: {why}")
+        except BackendUnavailable as exc:
+            if options.backends:  # asked for by name: say so
+                raise
+            log.info("leaving out %s", exc)
+            continue
+        out.append(backend)
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:400]
+    return text if isinstance(exc, LipverifyError) else f"{type(exc).__name__}: {text}"
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux/glibc: the deadline kill still applies
+        log.debug("cannot ask to die with the parent process")
+
+
+def _serve(conn: Connection, options: BackendOptions) -> None:
+    """The child: load, report ready, then answer certify requests until told to stop."""
+    _die_with_parent()
+    logging.basicConfig(level=options.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        local = LocalBackends(options)
+        conn.send(("ready", local.summaries))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
+        conn.send(("error", _one_line(exc)))
+        return
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        if request is None:
+            return
+        try:
+            conn.send(("ok", local.certify(*request)))
+        except BaseException as exc:  # noqa: BLE001 - one backend failing is not fatal
+            conn.send(("error", _one_line(exc)))
+
+
+def warm_up() -> None:
+    """Start the fork server now (it imports `PRELOAD` while the caller does other work)."""
+    ctx = multiprocessing.get_context("forkserver")
+    # The stdlib's fork server is one per process; preloading only speeds its children.
+    backends = sorted({ep.value.split(":")[0] for ep in
+                       importlib.metadata.entry_points(group="lipverify.backends")})
+    ctx.set_forkserver_preload([*PRELOAD, *backends])
+    multiprocessing.forkserver.ensure_running()
+
+
+class WorkerBackends:
+    """The network and backends in a child process; same interface as `LocalBackends`."""
+
+    def __init__(self, options: BackendOptions) -> None:
+        warm_up()
+        ctx = multiprocessing.get_context("forkserver")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, options), daemon=True,
+                                name=f"lipverify-{Path(options.onnx_path).stem}")
+        self.proc.start()
+        child.close()
+        self.summaries: list[BackendSummary] = []
+
+    def _receive(self, deadline: float) -> tuple[str, Any] | None:
+        """The child's next message, or None when the deadline passed (the child is killed)."""
+        if not self.conn.poll(max(deadline - time.monotonic(), 0.0)):
+            self.kill()
+            return None
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(1.0)
+            return ("error", f"backend process died (exit code {self.proc.exitcode})")
+
+    def wait_ready(self, deadline: float) -> list[BackendSummary]:
+        """Block until the child loaded the network (raises `OutOfTime` or `WorkerError`)."""
+        message = self._receive(deadline)
+        if message is None:
+            raise OutOfTime("the deadline passed while loading the network")
+        kind, payload = message
+        if kind != "ready":
+            raise WorkerError(payload)
+        self.summaries = payload
+        return payload
+
+    def certify(self, name: str, case: SpecCase, deadline: float) -> tuple[Certificate,
+                                                                           str | None]:
+        """Backend `name` on one box; `timeout` when the child had to be killed."""
+        if not self.proc.is_alive():
+            return Certificate(Status.ERROR, name, details={"error": "backend process gone"}), \
+                None
+        self.conn.send((name, case, deadline))
+        message = self._receive(deadline)
+        if message is None:
+            return Certificate(Status.TIMEOUT, name), None
+        kind, payload = message
+        if kind == "ok":
+            return payload
+        return Certificate(Status.ERROR, name, details={"error": payload}), None
+
+    def kill(self) -> None:
+        """Stop the child now."""
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join()
+
+    def close(self) -> None:
+        """Ask the child to stop (kill it if it does not, or if it is still loading)."""
+        if self.proc.is_alive() and self.summaries:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(2.0)
+        self.kill()
+        self.conn.close()
