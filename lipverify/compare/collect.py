@@ -85,7 +85,11 @@ def collect(network: Network, inputs: np.ndarray, labels: np.ndarray,
             backends: Sequence[Verifier], norm: Norm, eps_grid: Sequence[float],
             seed: int = 0) -> Comparison:
     """Run each backend in radius mode on all inputs and gather bounds and lower bounds."""
-    from lipverify.lower_bounds import jacobian_lower_bound, pairwise_lower_bound
+    from lipverify.lower_bounds import (
+        bilipschitz_lower_estimate,
+        jacobian_lower_bound,
+        pairwise_lower_bound,
+    )
 
     eps_grid = tuple(sorted(float(e) for e in eps_grid))
     problem = Problem.robustness(inputs, labels, network.num_outputs,
@@ -113,6 +117,8 @@ def collect(network: Network, inputs: np.ndarray, labels: np.ndarray,
         pair_lower = float(np.max(pl[~np.eye(len(pl), dtype=bool)]))
     except Exception as exc:  # noqa: BLE001 - optional column
         log.info("no pairwise lower bound: %s", exc)
+    bi = bilipschitz_lower_estimate(network, inputs, norm=norm, seed=seed)
     predicted = network.forward(inputs).argmax(1)
     return Comparison(norm, eps_grid, np.asarray(labels), predicted, tuple(results), best,
-                      float(lower.value), str(lower.method), pair_lower)
+                      float(lower.value), str(lower.method), pair_lower, float(bi.value),
+                      {"bilipschitz_method": bi.method})

@@ -23,6 +23,10 @@ def markdown(cmp: Comparison) -> str:
     if cmp.pairwise_lower_max is not None:
         lines.append(f"Largest pairwise lower bound (gradient of f_y - f_j): "
                      f"{cmp.pairwise_lower_max:.4g}.")
+    if cmp.bilipschitz_lower is not None:
+        lines.append(f"Smallest distance ratio found, ||f(x) - f(x')|| / ||x - x'|| = "
+                     f"{cmp.bilipschitz_lower:.4g} (a lower bi-Lipschitz *estimate*, not a "
+                     "bound).")
     lines += ["", f"| backend | global bound | / lower | max pairwise bound | {eps_cols} | "
                   "median radius | seconds |",
               "|---" * (6 + len(cmp.eps_grid)) + "|"]
