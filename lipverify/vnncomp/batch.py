@@ -84,6 +84,7 @@ class BatchOptions:
     max_timeout: float | None = None
     result_dir: Path | None = None
     progress: bool = True
+    limit: int | None = None
 
 
 def read_instances(path: str | Path) -> list[Instance]:
@@ -141,7 +142,7 @@ def iter_batch(instances_csv: str | Path, results_csv: str | Path,
                                                                       InstanceResult]]:
     """Run the instances not yet in `results_csv`, appending one row each; yields as they end."""
     options = options or BatchOptions()
-    instances = read_instances(instances_csv)
+    instances = read_instances(instances_csv)[:options.limit]
     category = options.category or Path(instances_csv).resolve().parent.name
     done = {(r.onnx, r.vnnlib) for r in read_results(results_csv)}
     todo = [i for i in instances if (i.onnx, i.vnnlib) not in done]

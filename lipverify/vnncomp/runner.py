@@ -37,10 +37,19 @@ log = logging.getLogger(__name__)
 
 # Backends that only falsify: they run first, on every box.
 FALSIFIERS = ("attack",)
+# The falsifier's extra rounds (after the verifiers) grow up to these.
+MAX_RESTARTS = 64
+MAX_STEPS = 200
 # Below this many seconds left, no further backend is started.
 MIN_BACKEND_SECONDS = 0.05
 # Error messages are one line of at most this many characters.
 MAX_MESSAGE = 400
+
+
+def falsifier_round(round_: int) -> dict[str, int]:
+    """Options of the falsifier's extra round `round_` (>= 1): a new seed, more restarts."""
+    return {"seed": round_, "restarts": min(4 * 2 ** round_, MAX_RESTARTS),
+            "steps": min(50 * (round_ + 1), MAX_STEPS)}
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,7 @@ class _Instance:
         self.open = list(range(len(self.spec.cases)))
         self.trace: list[str] = []
         self.verified_by: set[str] = set()
+        self.unusable: set[str] = set()
         self.timed_out = False
 
     def result(self, status: Status, **kw: object) -> InstanceResult:
@@ -131,18 +141,20 @@ class _Instance:
         return None
 
     def run_backend(self, pool: LocalBackends | WorkerBackends, backend: BackendSummary,
-                    index: int) -> InstanceResult | None:
+                    index: int, round_: int = 0) -> InstanceResult | None:
         """Run one backend on one box; a confirmed counterexample ends the instance."""
         if self.deadline - time.monotonic() < MIN_BACKEND_SECONDS:
             self.timed_out = True
             return None
         case = self.spec.cases[index]
         begin = time.monotonic()
-        cert, skipped = pool.certify(backend.name, case, self.deadline)
-        note = f"{backend.name} box {index}: {cert.status.value} " \
-               f"({time.monotonic() - begin:.2f}s)"
+        overrides = falsifier_round(round_) if round_ else None
+        cert, skipped = pool.certify(backend.name, case, self.deadline, overrides)
+        note = f"{backend.name}{f' round {round_}' if round_ else ''} box {index}: " \
+               f"{cert.status.value} ({time.monotonic() - begin:.2f}s)"
         if skipped:
             note += f", skipped: {skipped}"
+            self.unusable.add(backend.name)
         match cert.status:
             case Status.FALSIFIED:
                 cex = None
@@ -162,6 +174,7 @@ class _Instance:
                 self.timed_out = True
             case Status.ERROR:
                 note += f", {cert.details.get('error', 'error')}"
+                self.unusable.add(backend.name)
             case Status.UNKNOWN:
                 pass
         self.trace.append(note)
@@ -184,6 +197,17 @@ class _Instance:
                     return found
                 if index not in self.open:
                     break
+        round_ = 1
+        while self.open and time.monotonic() < self.deadline - MIN_BACKEND_SECONDS:
+            usable = [b for b in falsifiers if b.name not in self.unusable]
+            if not usable:
+                break
+            for backend in usable:  # the verifiers are done: keep searching, other seeds
+                for index in list(self.open):
+                    found = self.run_backend(pool, backend, index, round_)
+                    if found is not None:
+                        return found
+            round_ += 1
         if not self.open:
             return self.result(Status.VERIFIED, backend=",".join(sorted(self.verified_by)))
         if self.timed_out or time.monotonic() >= self.deadline:

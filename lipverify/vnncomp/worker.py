@@ -11,12 +11,15 @@ backend running into the next instance.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib.metadata
 import logging
 import multiprocessing
 import multiprocessing.forkserver
 import signal
 import time
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -103,12 +106,20 @@ class LocalBackends:
         """The backends (already loaded in this process)."""
         return self.summaries
 
-    def certify(self, name: str, case: SpecCase, deadline: float) -> tuple[Certificate,
-                                                                           str | None]:
-        """Backend `name` on one box (and why it skipped, if it did)."""
+    def certify(self, name: str, case: SpecCase, deadline: float,
+                overrides: Mapping[str, Any] | None = None) -> tuple[Certificate, str | None]:
+        """Backend `name` on one box (and why it skipped, if it did).
+
+        `overrides` replaces fields of the backend's options for this call (names its options
+        do not have are ignored), e.g. another seed for another round of the falsifier.
+        """
         from lipverify.orchestrator import run_cascade
 
         backend = self.backends[name]
+        if overrides and dataclasses.is_dataclass(backend.options):
+            known = {f.name for f in dataclasses.fields(backend.options)}
+            changes = {k: v for k, v in overrides.items() if k in known}
+            backend = type(backend)(dataclasses.replace(backend.options, **changes))
         shape = (1, *self.network.input_shape)
         problem = Problem(case.centre.reshape(shape), (case.prop,),
                           Perturbation.box(case.lower.reshape(shape), case.upper.reshape(shape)),
@@ -157,6 +168,8 @@ def _serve(conn: Connection, options: BackendOptions) -> None:
     """The child: load, report ready, then answer certify requests until told to stop."""
     _die_with_parent()
     logging.basicConfig(level=options.log_level, format="%(levelname)s %(name)s: %(message)s")
+    if options.log_level > logging.DEBUG:  # backends' library deprecations are noise here
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         local = LocalBackends(options)
         conn.send(("ready", local.summaries))
@@ -221,13 +234,13 @@ class WorkerBackends:
         self.summaries = payload
         return payload
 
-    def certify(self, name: str, case: SpecCase, deadline: float) -> tuple[Certificate,
-                                                                           str | None]:
+    def certify(self, name: str, case: SpecCase, deadline: float,
+                overrides: Mapping[str, Any] | None = None) -> tuple[Certificate, str | None]:
         """Backend `name` on one box; `timeout` when the child had to be killed."""
         if not self.proc.is_alive():
             return Certificate(Status.ERROR, name, details={"error": "backend process gone"}), \
                 None
-        self.conn.send((name, case, deadline))
+        self.conn.send((name, case, deadline, dict(overrides or {})))
         message = self._receive(deadline)
         if message is None:
             return Certificate(Status.TIMEOUT, name), None

@@ -1,0 +1,103 @@
+"""Instances with known answers (the CI subset): never a wrong answer, and the easy ones solved.
+
+The full run of every shipped instance is `benchmarks/bench_vnncomp.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from lipverify.vnncomp.results import VnncompResult
+from lipverify.vnncomp.runner import RunOptions, falsifier_round, run_instance
+from lipverify.vnncomp.vnnlib import read_vnnlib
+from lipverify.vnncomp.worker import BackendOptions, WorkerBackends
+
+BENCH = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks" / "vnncomp"
+pytestmark = pytest.mark.skipif(not BENCH.is_dir(), reason="shared benchmarks not present")
+
+# (benchmark, onnx stem, vnnlib stem): every test_2021 instance, and mnist_fc instances whose
+# answer a bound-only verifier with a falsifier reaches in seconds (centre, PGD, CROWN).
+SUBSET = [
+    ("test_2021", "test_nano", "test_nano"),
+    ("test_2021", "test_tiny", "test_tiny"),
+    ("test_2021", "test_small", "test_small"),
+    ("test_2021", "test_sat", "test_prop"),
+    ("test_2021", "test_unsat", "test_prop"),
+    ("mnist_fc_2022", "mnist-net_256x2", "prop_12_0.03"),  # sat: the box centre
+    ("mnist_fc_2022", "mnist-net_256x2", "prop_1_0.05"),   # sat: PGD
+    ("mnist_fc_2022", "mnist-net_256x2", "prop_0_0.03"),   # unsat
+]
+
+
+def _expected(bench: str) -> dict[tuple[str, str], str]:
+    with (BENCH / bench / "expected.csv").open() as fh:
+        return {(Path(r["onnx"]).stem, Path(r["vnnlib"]).stem): r["expected"]
+                for r in csv.DictReader(fh)}
+
+
+def _independent_check(onnx: Path, vnnlib: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """The competition's check, with a fresh onnxruntime session."""
+    session = ort.InferenceSession(str(onnx))
+    inp = session.get_inputs()[0]
+    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+    y_ort = session.run(None, {inp.name: x.astype(np.float32).reshape(shape)})[0].ravel()
+    np.testing.assert_allclose(y, y_ort, rtol=1e-6, atol=1e-7)
+    spec = read_vnnlib(vnnlib)
+    assert any(np.all(x >= c.lower - 1e-4) and np.all(x <= c.upper + 1e-4)
+               and c.prop.violated(y_ort.astype(np.float64)) for c in spec.cases)
+
+
+@pytest.mark.parametrize(("bench", "onnx", "vnnlib"), SUBSET)
+def test_known_answers(bench, onnx, vnnlib):
+    folder = BENCH / bench
+    onnx_path = folder / "onnx" / f"{onnx}.onnx"
+    vnnlib_path = folder / "vnnlib" / f"{vnnlib}.vnnlib"
+    want = _expected(bench)[(onnx, vnnlib)]
+    answer = run_instance(onnx_path, vnnlib_path, RunOptions(timeout=90))
+    got = answer.result.value
+    assert not (got == "unsat" and want == "sat"), answer.trace
+    assert not (got == "sat" and want == "unsat"), answer.trace
+    assert got == want, (answer.message, answer.trace)  # these are within reach
+    if got == "sat":
+        _independent_check(onnx_path, vnnlib_path, answer.counterexample.x,
+                           answer.counterexample.y)
+
+
+def test_too_little_time_is_a_timeout_not_an_answer():
+    folder = BENCH / "mnist_fc_2022"
+    answer = run_instance(folder / "onnx" / "mnist-net_256x4.onnx",
+                          folder / "vnnlib" / "prop_0_0.03.vnnlib", RunOptions(timeout=0.3))
+    assert answer.result in (VnncompResult.TIMEOUT, VnncompResult.UNKNOWN)
+    assert answer.seconds < 5
+
+
+def test_a_backend_past_the_deadline_is_stopped():
+    folder = BENCH / "mnist_fc_2022"
+    spec = read_vnnlib(folder / "vnnlib" / "prop_0_0.03.vnnlib")
+    pool = WorkerBackends(BackendOptions(str(folder / "onnx" / "mnist-net_256x2.onnx"),
+                                         spec.num_inputs, spec.num_outputs, ("attack",)))
+    try:
+        assert [s.name for s in pool.wait_ready(time.monotonic() + 120)] == ["attack"]
+        start = time.monotonic()
+        cert, _ = pool.certify("attack", spec.cases[0], time.monotonic() + 1.0,
+                               falsifier_round(5))  # far more work than one second
+        assert cert.status.value in ("timeout", "unknown")
+        assert time.monotonic() - start < 4
+    finally:
+        pool.close()
+    assert not pool.proc.is_alive()
+
+
+def test_no_input_in_the_box_is_unsat(tmp_path):
+    spec = tmp_path / "empty.vnnlib"
+    spec.write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
+                    "(assert (>= X_0 1))\n(assert (<= X_0 0))\n(assert (<= Y_0 0))\n")
+    answer = run_instance(BENCH / "test_2021" / "onnx" / "test_nano.onnx", spec,
+                          RunOptions(timeout=10))
+    assert answer.result == VnncompResult.UNSAT
