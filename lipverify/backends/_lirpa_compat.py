@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import sys
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -120,7 +121,12 @@ def load_auto_lirpa() -> types.ModuleType:
                             ("arraysetops", _patch_arraysetops)):
             if patch():
                 applied.append(name)
-        lirpa = importlib.import_module(MODULE)
+        # auto_LiRPA's import resets the process's warning filters and its `torch.jit.script`
+        # decorators warn; record both inside the block (restored on exit) and log them.
+        with warnings.catch_warnings(record=True) as caught:
+            lirpa = importlib.import_module(MODULE)
+        for warning in caught:
+            log.debug("while importing auto_LiRPA: %s", warning.message)
         if _patch_named_members(lirpa):
             applied.append("named_members")
     except BackendUnavailable:

@@ -1,5 +1,6 @@
 """The auto_LiRPA compatibility patches: applied once, each restoring the old behaviour."""
 
+import subprocess
 import sys
 
 import numpy as np
@@ -78,3 +79,18 @@ def test_bounded_module_lists_parameters_and_bounds():
     lower, upper = bounded.compute_bounds(x=(lirpa.BoundedTensor(x, ptb),), method="CROWN")
     y = net(x)
     assert torch.all(lower <= y + 1e-6) and torch.all(y <= upper + 1e-6)
+
+
+def test_import_leaves_warning_filters_alone():
+    code = ("import warnings, torch\n"
+            "before = list(warnings.filters)\n"
+            "with warnings.catch_warnings(record=True) as seen:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from lipverify.backends._lirpa_compat import load_auto_lirpa\n"
+            "    load_auto_lirpa()\n"
+            "assert not [w for w in seen if 'jit.script' in str(w.message)], seen\n"
+            "load_auto_lirpa()\n"
+            "assert list(warnings.filters) == before\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
