@@ -2,7 +2,7 @@
 
 A candidate input is accepted only when it lies in the case's box within `BOX_TOLERANCE` (the
 competition's tolerance) and the outputs onnxruntime computes for exactly the values that will be
-written violate the property (slack <= 0, no tolerance). The candidate is first projected onto
+written violate the property (slack < 0, no tolerance). The candidate is first projected onto
 the box so the written point lies inside it even after rounding to the network's input dtype.
 """
 
@@ -52,6 +52,9 @@ class OnnxOracle:
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ModelError(f"{path} has {len(inputs)} inputs; VNN-COMP networks have one")
+        if len(self.session.get_outputs()) != 1:
+            raise ModelError(f"{path} has {len(self.session.get_outputs())} outputs; VNN-COMP "
+                             "networks have one")
         self.input_name = inputs[0].name
         self.dtype = _ORT_DTYPES.get(inputs[0].type)
         if self.dtype is None:
@@ -106,7 +109,9 @@ def check_counterexample(oracle: OnnxOracle, case: SpecCase, x: np.ndarray,
             continue
         y = oracle.outputs(candidate)
         margin = case.prop.margin(y)
-        if np.all(np.isfinite(y)) and margin <= 0:
+        # Strictly below zero: `<` in a property is parsed as `<=`, so a point exactly on the
+        # boundary is never offered as a counterexample.
+        if np.all(np.isfinite(y)) and margin < 0:
             return Counterexample(candidate, y, margin)
     log.info("candidate counterexample rejected by onnxruntime")
     return None

@@ -47,6 +47,8 @@ def test_identity_network_counterexamples(tmp_path):
     assert good is not None and good.margin <= 0
     np.testing.assert_array_equal(good.y, good.x)  # what onnxruntime computed for what's written
     assert check_counterexample(oracle, case, np.array([0.1, 0.9])) is None
+    # Exactly on the boundary (Y_0 = Y_1) is not offered: `>` would not hold there.
+    assert check_counterexample(oracle, case, np.array([0.2, 0.2])) is None
     # Outside the box: projected back in, then checked at the projected point.
     projected = check_counterexample(oracle, case, np.array([0.5, 0.2]))
     assert projected is not None and in_box(projected.x, case, 0.0)
