@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,6 +55,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def seconds_since_process_start() -> float:
+    """How long this process has run (Linux `/proc`; 0 where unknown): imports count too."""
+    try:
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - int(stat[19]) / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _run_options(args: argparse.Namespace, timeout: float) -> RunOptions:
     from lipverify.vnncomp.runner import RunOptions
 
@@ -75,7 +86,9 @@ def _run_one(args: argparse.Namespace, start: float) -> int:
         raise InputError(f"--timeout must be positive, got {timeout}")
     # Until an answer exists, a run killed by the harness has timed out.
     write_result(args.out, VnncompResult.TIMEOUT)
-    budget = max(timeout - SAFETY_SECONDS - (time.monotonic() - start), 0.1)
+    # The competition's clock started with the process: interpreter start and imports count.
+    used = max(time.monotonic() - start, seconds_since_process_start())
+    budget = max(timeout - SAFETY_SECONDS - used, 0.1)
     answer = run_instance(args.onnx, args.vnnlib, _run_options(args, budget))
     cex = answer.counterexample
     write_result(args.out, answer.result, cex.x if cex else None, cex.y if cex else None)

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from lipverify.cli.main import main
+from lipverify.cli.vnncomp import seconds_since_process_start
 from lipverify.vnncomp.results import read_result
 from lipverify.vnncomp.vnnlib import read_vnnlib
 
@@ -139,3 +141,9 @@ def test_install_and_prepare_scripts_from_another_directory(tmp_path):
     bad = _script("prepare_instance.sh", "v1", "test", str(onnx),
                   str(TEST / "vnnlib" / "test_nano.vnnlib"), cwd=tmp_path)
     assert bad.returncode == 0 and "declares 1 inputs" in bad.stderr
+
+
+def test_process_age_counts_towards_the_time_limit():
+    first = seconds_since_process_start()
+    time.sleep(0.05)
+    assert 0 < first <= seconds_since_process_start()
