@@ -38,12 +38,16 @@ def summarise(records: Iterable[Mapping[str, Any]], eps_values: Sequence[float],
 def format_table(summary: Mapping[str, Any], backends: Sequence[str], norm: str) -> str:
     """A plain-text table: certified accuracy per eps (rows) and backend (columns)."""
     n = summary["n"] or 1
-    cols = [*backends, "best"]
-    head = f"{'eps (L' + norm + ')':>12} | " + " | ".join(f"{c:>11}" for c in cols)
+    cols = [b for b in backends if b != "attack"] + ["best"]
+    head = (f"{'eps (L' + norm + ')':>12} | " + " | ".join(f"{c:>11}" for c in cols)
+            + f" | {'falsified':>11}")
     lines = [f"n = {summary['n']}, clean accuracy = {summary['clean_accuracy']:.1%}", head,
              "-" * len(head)]
     for key, counts in summary["certified"].items():
         eps = summary["eps"][key]
         cells = [f"{counts.get(c, 0) / n:>10.1%} " for c in cols]
+        cells.append(f"{summary['falsified'].get(key, 0) / n:>10.1%} ")
         lines.append(f"{eps:>12g} | " + " | ".join(cells))
+    lines.append("(certified accuracy per backend; 'best' keeps each input's strongest "
+                 "certificate)")
     return "\n".join(lines)
