@@ -54,8 +54,8 @@ SYMBOL_CHUNK_ENTRIES = 2 ** 22
 # Twist scan: candidate twists per axis, reduced while the scan would touch more symbol entries
 # than SCAN_BUDGET_ENTRIES; power-iteration steps per frequency (estimates only pick the twist).
 TWIST_CANDIDATES = 4
-SCAN_BUDGET_ENTRIES = 2 ** 26
-SCAN_POWER_STEPS = 10
+SCAN_BUDGET_ENTRIES = 2 ** 24
+SCAN_POWER_STEPS = 8
 # Gram iteration is run on this many twists (best estimates, and the plain circulant).
 TWIST_TRIALS = 3
 # Explicit matrices up to this many entries (dense float64) get an exact SVD.
@@ -176,12 +176,12 @@ def _chunks(n1: int, per_row: int) -> list[slice]:
 def _power_estimates(mats: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:
     """Power-iteration estimates (lower, up to rounding) of each matrix's largest singular value."""
     gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(mats.shape[0], mats.shape[2], 1, generator=gen, dtype=torch.float64)
-    v = v.to(mats.dtype) + 1.0
+    mats = mats.to(torch.complex64)  # estimates only pick a twist: single precision suffices
+    v = torch.randn(mats.shape[0], mats.shape[2], 1, generator=gen).to(mats.dtype) + 1.0
     for _ in range(steps):
         v = mats.mH @ (mats @ v)
-        v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-300)
-    return torch.linalg.vector_norm(mats @ v, dim=(1, 2))
+        v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(1e-30)
+    return torch.nan_to_num(torch.linalg.vector_norm(mats @ v, dim=(1, 2)).double(), nan=0.0)
 
 
 def rank_twists(pc: PolyphaseConv, candidates: int = TWIST_CANDIDATES,
