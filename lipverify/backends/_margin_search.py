@@ -160,13 +160,15 @@ class Region:
 
 def bisect_radius(margins_at: Callable[[np.ndarray, np.ndarray], np.ndarray], first: np.ndarray,
                   rel_tol: float, known: np.ndarray | None = None,
-                  deadline: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  deadline: float | None = None,
+                  growth: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Largest radius each input is certified at, by a search run on all inputs at once.
 
     Each step calls `margins_at(index, radii)` once for every input still searching (lower
     bounds on the margin over the ball of radius `radii[i]` around input `index[i]`); positive
-    means certified. The first probe of input `i` is `first[i]`; after it the radius doubles
-    while certified and halves while not, then bisects until `hi - lo <= rel_tol * hi`. The
+    means certified. The first probe of input `i` is `first[i]`; after it the radius grows by
+    `1 + growth` (the growth doubling each time) while certified and halves while not, then
+    bisects until `hi - lo <= rel_tol * hi`. The
     result is the largest probed radius that was certified, so it is sound whatever the shape of
     the margin as a function of the radius. Inputs with `first <= 0` are not searched.
 
@@ -176,6 +178,8 @@ def bisect_radius(margins_at: Callable[[np.ndarray, np.ndarray], np.ndarray], fi
         rel_tol: Relative width of the final bracket.
         known: Radii already certified (by another bound), per input; the search starts there.
         deadline: A `time.monotonic()` instant after which the search stops early.
+        growth: First relative step up from a certified radius (1: doubling); small when the
+            radius is known to be close (starting from a looser method's radius).
 
     Returns:
         The certified radii and the margin bounds at the first probe (NaN where not probed).
@@ -188,6 +192,7 @@ def bisect_radius(margins_at: Callable[[np.ndarray, np.ndarray], np.ndarray], fi
     hi = np.full(n, np.inf)
     probed = first <= 0
     first_margin = np.full(n, np.nan)
+    steps = np.full(n, float(growth))
     floor = first * 2.0 ** -MAX_HALVINGS
     cap = first * 2.0 ** MAX_DOUBLINGS
     for _ in range(MAX_HALVINGS + MAX_DOUBLINGS + 64):
@@ -197,8 +202,8 @@ def bisect_radius(margins_at: Callable[[np.ndarray, np.ndarray], np.ndarray], fi
         active = ~(bracketed | hopeless | unbounded) & (first > 0)
         if not active.any() or (deadline is not None and time.monotonic() > deadline):
             break
-        probe = np.where(hi == np.inf, 2 * np.maximum(lo, first / 2),
-                         np.where(lo == 0, hi / 2, (lo + hi) / 2))
+        up = np.where(lo > 0, lo * (1 + steps), first)
+        probe = np.where(hi == np.inf, up, np.where(lo == 0, hi / 2, (lo + hi) / 2))
         probe = np.where(probed, probe, first)
         index = np.flatnonzero(active)
         margins = np.asarray(margins_at(index, probe[index]), dtype=np.float64)
@@ -206,6 +211,8 @@ def bisect_radius(margins_at: Callable[[np.ndarray, np.ndarray], np.ndarray], fi
         first_margin[index[fresh]] = margins[fresh]
         probed[index] = True
         ok = margins > 0
+        rising = ok & (hi[index] == np.inf) & ~fresh
+        steps[index[rising]] *= 2
         lo[index[ok]] = np.maximum(lo[index[ok]], probe[index[ok]])
         hi[index[~ok]] = np.minimum(hi[index[~ok]], probe[index[~ok]])
     return lo, first_margin

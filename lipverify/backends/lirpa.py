@@ -162,8 +162,9 @@ class LirpaAdapter:
         elif use_layers:
             reasons.append(f"no layer view ({network.unsupported})")
         matrix = network.layers is not None and conv_after_reshape(network.layers)
+        # Sparse alphas crash 0.3 on convnets; per-position conv alphas cost 4x for nothing.
         opts = {"conv_mode": "matrix" if matrix else "patches", "sparse_features_alpha": False,
-                "sparse_spec_alpha": False}
+                "sparse_spec_alpha": False, "use_full_conv_alpha": False}
         for source, make in candidates:
             try:
                 module = make().float().eval().to(self.device)
@@ -398,7 +399,9 @@ class LirpaBackend(BackendBase):
                 sub = region.subset(index).with_eps(radii)
                 return self.margins(adapter, sub, spec.subset(index), method) - slack[index]
 
-            return bisect_radius(margins_at, first, self.options.radius_rel_tol, known, deadline)
+            growth = 1.0 if known is None else 4 * self.options.radius_rel_tol
+            return bisect_radius(margins_at, first, self.options.radius_rel_tol, known, deadline,
+                                 growth)
 
         first = np.where(searchable, first_radius(eps, len(spec)), 0.0)
         known = None
@@ -406,8 +409,7 @@ class LirpaBackend(BackendBase):
         if self.method == Method.ALPHA_CROWN:
             known, crown_first = search(Method.CROWN, first, None)
             at_eps = crown_first if eps > 0 else at_eps
-            first = np.where(searchable, np.maximum(known * (1 + self.options.radius_rel_tol),
-                                                    first), 0.0)
+            first = np.where(known > 0, known * (1 + self.options.radius_rel_tol), first)
         radius, at_first = search(self.method, first, known)
         if eps > 0:  # both are sound bounds at eps where computed: keep the larger
             at_eps = np.where(first == eps, np.fmax(at_first, at_eps), at_eps)

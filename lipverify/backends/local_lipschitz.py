@@ -22,6 +22,8 @@ along the segment (`g` is Lipschitz, hence absolutely continuous on the segment)
   removed); `||W D W'||` with `D` between 0 and I is NOT bounded by the `D = I` norm in general,
   which is why each factor carries its own mask. Norms are exact (eigenvalues of the masked Gram
   matrix, float64, rounded up) when small, else `min(Frobenius, sqrt(||.||_1 ||.||_inf))`.
+  Under L-infinity the L2 bound also serves, through `||J||_1 <= sqrt(n) ||J||_2`; for boxes
+  through `|J d| <= ||J||_2 ||h||_2`.
 
 Radius `r` is certified when `g(x0) - r L(r) > 0` for every term (some row), with `L(r)` from the
 ball of radius `r`; the radius search bisects on `r` with the masks recomputed at each probe.
@@ -29,7 +31,7 @@ ball of radius `r`; the radius search bisects on `r` with the masks recomputed a
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 
 from lipverify.backends._lirpa_compat import MODULE, lirpa_availability
+from lipverify.backends._local_jacobian import DENSE_NORM_LIMIT, LocalJacobian, slope_interval
 from lipverify.backends._margin_search import (
     Outcomes,
     Region,
@@ -51,12 +54,12 @@ from lipverify.backends.base import BackendBase, BackendOptions
 from lipverify.backends.lirpa import LirpaAdapter, LirpaOptions
 from lipverify.errors import BackendUnavailable, LipverifyError, ModelError
 from lipverify.margins import LIPSCHITZ_REL_SLACK
-from lipverify.network.layers import Activation, Conv, Dense, Layer, Reshape, Residual, Shift
+from lipverify.network.layers import Activation, Conv, Dense, Reshape, Residual, Shift
 from lipverify.network.network import Network
 from lipverify.types import Certificate, Norm, Problem, Scope
 
-# Largest masked matrix (entries, times the batch) whose spectral norm is computed exactly.
-DENSE_NORM_LIMIT = 2 ** 24
+log = logging.getLogger(__name__)
+
 _ELEMENTWISE = ("relu", "leaky_relu", "tanh", "sigmoid")
 
 
@@ -69,145 +72,15 @@ class LocalOptions(BackendOptions):
         memory_budget_gb: Memory one CROWN call may use; larger batches are split.
         radius_rel_tol: Relative width of the bracket the certified-radius search stops at.
         dense_norm_limit: Largest masked matrix (entries x batch) normed exactly.
+        lipsdp_rows: Under L2 at the budget, inputs the cheap bounds leave unverified with at
+            most this many failing rows get masked LipSDP on those rows (0: never; seconds each).
     """
 
     batch_size: int = 512
     memory_budget_gb: float = 2.0
     radius_rel_tol: float = 0.01
     dense_norm_limit: int = DENSE_NORM_LIMIT
-
-
-def slope_interval(layer: Activation, lower: torch.Tensor,
-                   upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Interval of every difference quotient of the activation on `[lower, upper]`, per neuron."""
-    if layer.kind in ("relu", "leaky_relu"):
-        neg = layer.param if layer.kind == "leaky_relu" else 0.0
-        lo_s, hi_s = min(neg, 1.0), max(neg, 1.0)
-        def const(v: float) -> torch.Tensor:  # in lower's dtype: a float32 0.1 exceeds 0.1
-            return torch.full_like(lower, v)
-
-        lo = torch.where(lower >= 0, const(1.0), torch.where(upper <= 0, const(neg), const(lo_s)))
-        hi = torch.where(lower >= 0, const(1.0), torch.where(upper <= 0, const(neg), const(hi_s)))
-        return lo, hi
-    if layer.kind not in ("tanh", "sigmoid"):
-        raise ModelError(f"no slope interval for activation {layer.kind!r}")
-    # Both derivatives are even, peak at 0 and decrease in |z|.
-    deriv = (lambda z: 1 - torch.tanh(z) ** 2) if layer.kind == "tanh" else \
-        (lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z)))
-    nearest = torch.where((lower <= 0) & (upper >= 0), torch.zeros_like(lower),
-                          torch.minimum(lower.abs(), upper.abs()))
-    farthest = torch.maximum(lower.abs(), upper.abs())
-    return deriv(farthest) * (1 - 1e-12), deriv(nearest) * (1 + 1e-12)
-
-
-def _abs_layer(layer: Dense | Conv) -> Dense | Conv:
-    return dataclasses.replace(layer, weight=layer.weight.abs())
-
-
-def _dense_matrix(layer: Dense | Conv) -> torch.Tensor:
-    return layer.weight if isinstance(layer, Dense) else layer.matrix()
-
-
-class LocalJacobian:
-    """Bounds on the Jacobians of rows `c.f` given per-neuron slope intervals (float64).
-
-    Args:
-        layers: A feed-forward layer view with elementwise activations.
-        dense_norm_limit: Largest masked matrix (entries x batch) normed exactly.
-    """
-
-    def __init__(self, layers: tuple[Layer, ...], dense_norm_limit: int = DENSE_NORM_LIMIT) -> None:
-        self.layers = layers
-        self.limit = dense_norm_limit
-        self._abs = {id(x): _abs_layer(x) for x in layers if isinstance(x, (Dense, Conv))}
-        self._grams: dict[int, torch.Tensor | None] = {}
-
-    def interval_magnitude(self, slopes: list[tuple[torch.Tensor, torch.Tensor]],
-                           rows: torch.Tensor) -> torch.Tensor:
-        """`|centre| + radius` of the interval Jacobian of each row: shape `(B, S, inputs)`."""
-        b, s, k = rows.shape
-        centre = rows.reshape(b * s, k)
-        radius = torch.zeros_like(centre)
-        acts = iter(reversed(slopes))
-        for layer in reversed(self.layers):
-            if isinstance(layer, (Dense, Conv)):
-                centre = layer.adjoint(centre)
-                radius = self._abs[id(layer)].adjoint(radius)
-            elif isinstance(layer, Activation):
-                lo, hi = (t.reshape(b, 1, -1).expand(b, s, -1).reshape(b * s, -1)
-                          for t in next(acts))
-                shape = centre.shape
-                c_lo, c_hi = (centre - radius).reshape(b * s, -1), (centre + radius).reshape(
-                    b * s, -1)
-                prods = torch.stack([c_lo * lo, c_lo * hi, c_hi * lo, c_hi * hi])
-                p_lo, p_hi = prods.min(dim=0).values, prods.max(dim=0).values
-                centre, radius = ((p_lo + p_hi) / 2).reshape(shape), ((p_hi - p_lo) / 2).reshape(
-                    shape)
-            elif isinstance(layer, Reshape):
-                centre = centre.reshape((b * s, *layer.in_shape))
-                radius = radius.reshape((b * s, *layer.in_shape))
-        mag = centre.abs() + radius
-        return mag.reshape(b, s, -1)
-
-    def _gram(self, layer: Dense | Conv) -> torch.Tensor | None:
-        """`W W^T` or `W^T W` (the smaller), if small enough to keep."""
-        if id(layer) not in self._grams:
-            out_n, in_n = math.prod(layer.out_shape), math.prod(layer.in_shape)
-            gram = None
-            if out_n * in_n <= self.limit:
-                w = _dense_matrix(layer)
-                gram = w @ w.T if out_n <= in_n else w
-            self._grams[id(layer)] = gram
-        return self._grams[id(layer)]
-
-    def _masked_norm(self, layer: Dense | Conv, mask: torch.Tensor) -> torch.Tensor:
-        """Upper bound on `||diag(mask) W||_2` per input (mask shape `(B, outputs)`)."""
-        b = mask.shape[0]
-        gram = self._gram(layer)
-        out_n, in_n = math.prod(layer.out_shape), math.prod(layer.in_shape)
-        side = min(out_n, in_n)
-        if gram is not None and b * side * side <= self.limit:
-            if out_n <= in_n:  # M W W^T M
-                g = mask[:, :, None] * gram[None] * mask[:, None, :]
-            else:  # W^T M^2 W
-                g = torch.einsum("oi,bo,oj->bij", gram, mask ** 2, gram)
-            top = torch.linalg.eigvalsh(g)[:, -1].clamp_min(0)
-            return top.sqrt() * (1 + 1e3 * torch.finfo(torch.float64).eps * side)
-        abs_layer = self._abs[id(layer)]
-        ones = torch.ones((b, *layer.in_shape), dtype=torch.float64)
-        row_abs = abs_layer.linear(ones).reshape(b, -1)
-        sq = dataclasses.replace(layer, weight=layer.weight ** 2)
-        row_sq = sq.linear(ones).reshape(b, -1)
-        col_abs = abs_layer.adjoint(mask.reshape((b, *layer.out_shape))).reshape(b, -1)
-        inf_norm = (mask * row_abs).max(dim=1).values
-        one_norm = col_abs.max(dim=1).values
-        frob = ((mask ** 2) * row_sq).sum(dim=1).sqrt()
-        return torch.minimum(frob, (inf_norm * one_norm).sqrt()) * (1 + 1e-12)
-
-    def norm_product(self, slopes: list[tuple[torch.Tensor, torch.Tensor]],
-                     rows: torch.Tensor) -> torch.Tensor:
-        """L2 bound `||W_L^T c|| prod_k ||M_k W_k ... ||` per row: shape `(B, S)`."""
-        b, s, k = rows.shape
-        factor = torch.ones(b, dtype=torch.float64)
-        segment: list[Dense | Conv] = []
-        acts = iter(slopes)
-        for layer in self.layers:
-            if isinstance(layer, (Dense, Conv)):
-                segment.append(layer)
-            elif isinstance(layer, Activation):
-                lo, hi = next(acts)
-                mask = torch.maximum(lo.abs(), hi.abs()).reshape(b, -1)
-                if not segment:
-                    factor = factor * mask.max(dim=1).values
-                for i, aff in enumerate(reversed(segment)):
-                    factor = factor * self._masked_norm(aff, mask if i == 0 else
-                                                        torch.ones_like(factor)[:, None].expand(
-                                                            b, math.prod(aff.out_shape)))
-                segment = []
-        g = rows.reshape(b * s, k)
-        for aff in reversed(segment):
-            g = aff.adjoint(g)
-        return factor[:, None] * g.reshape(b, s, -1).norm(dim=2)
+    lipsdp_rows: int = 0
 
 
 def _check_layers(network: Network) -> str | None:
@@ -298,21 +171,59 @@ class LocalLipschitzBackend(BackendBase):
             return str(exc)
         return None
 
+    def slopes(self, network: Network,
+               region: Region) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per activation, the slope intervals of its neurons over each region (`(B, n)` each)."""
+        adapter = self._parts(network)[0]
+        acts = [x for x in network.layers if isinstance(x, Activation)]
+        bounds = adapter.preactivation_bounds(region)
+        return [slope_interval(act, torch.from_numpy(lo), torch.from_numpy(hi))
+                for act, (lo, hi) in zip(acts, bounds, strict=True)]
+
+    def refine_with_lipsdp(self, network: Network, region: Region, spec: Spec,
+                           values: np.ndarray, row_lower: np.ndarray,
+                           slack: np.ndarray) -> np.ndarray:
+        """Raise row lower bounds `g(x0) - eps L` by masked LipSDP where few rows fail (L2)."""
+        segments = self._parts(network)[1].segments()
+        if segments is None or region.norm != Norm.L2 or region.is_box:
+            return row_lower
+        out = row_lower.copy()
+        real = np.isnan(spec.fill)
+        for i in range(len(region)):
+            failing = np.flatnonzero(real[i] & (row_lower[i] <= slack[i]))
+            if spec.combine(row_lower[i:i + 1])[0] > slack[i] or not 0 < len(failing) <= \
+                    self.options.lipsdp_rows:
+                continue
+            from lipverify.sdp import lipsdp_bound  # cvxpy and the SDP stack only when asked
+
+            slopes = [(lo[0].numpy(), hi[0].numpy())
+                      for lo, hi in self.slopes(network, region.subset(np.array([i])))]
+            for r in failing:
+                try:
+                    lip = lipsdp_bound([*segments[:-1], (spec.c[i, r] @ segments[-1])[None]],
+                                       slopes).value
+                except LipverifyError as exc:
+                    log.info("masked LipSDP failed on input %d: %s", i, exc)
+                    break
+                out[i, r] = max(row_lower[i, r], values[i, r] - region.eps[i] * lip *
+                                (1 + LIPSCHITZ_REL_SLACK))
+        return out
+
     def deviations(self, network: Network, region: Region, rows: np.ndarray) -> np.ndarray:
         """Bounds on `|c.f(x) - c.f(x0)|` over each region, per row `c` (shape `(B, S)`)."""
-        adapter, jac = self._parts(network)
-        layers = [x for x in network.layers if isinstance(x, Activation)]
-        bounds = adapter.preactivation_bounds(region)
-        slopes = [slope_interval(act, torch.from_numpy(lo), torch.from_numpy(hi))
-                  for act, (lo, hi) in zip(layers, bounds, strict=True)]
+        jac = self._parts(network)[1]
+        slopes = self.slopes(network, region)
         rows_t = torch.as_tensor(rows, dtype=torch.float64)
         mag = jac.interval_magnitude(slopes, rows_t)
-        if region.is_box:
+        l2 = torch.minimum(mag.norm(dim=2), jac.norm_product(slopes, rows_t))
+        if region.is_box:  # |J d| <= sum_i |J_i| h_i and <= ||J||_2 ||h||_2
             half = torch.as_tensor((region.upper - region.lower) / 2).reshape(len(region), 1, -1)
-            return (mag * half).sum(dim=2).numpy() * (1 + LIPSCHITZ_REL_SLACK)
-        lip = mag.norm(p=1 if region.norm == Norm.LINF else 2, dim=2)
-        if region.norm == Norm.L2:
-            lip = torch.minimum(lip, jac.norm_product(slopes, rows_t))
+            dev = torch.minimum((mag * half).sum(dim=2), l2 * half.norm(dim=2))
+            return dev.numpy() * (1 + LIPSCHITZ_REL_SLACK)
+        if region.norm == Norm.LINF:  # ||J||_1 <= sqrt(n) ||J||_2
+            lip = torch.minimum(mag.sum(dim=2), l2 * math.sqrt(mag.shape[2]))
+        else:
+            lip = l2
         return lip.numpy() * region.eps[:, None] * (1 + LIPSCHITZ_REL_SLACK)
 
     def local_lipschitz(self, network: Network, region: Region, rows: np.ndarray) -> np.ndarray:
@@ -334,10 +245,12 @@ class LocalLipschitzBackend(BackendBase):
         centre = spec.combine(values)
         eps = problem.perturbation.eps
 
-        def margins_at(index: np.ndarray, radii: np.ndarray) -> np.ndarray:
+        def row_lower(index: np.ndarray, radii: np.ndarray) -> np.ndarray:
             sub = region.subset(index) if region.is_box else region.subset(index).with_eps(radii)
-            dev = self.deviations(network, sub, spec.c[index])
-            return spec.subset(index).combine(values[index] - dev) - slack[index]
+            return values[index] - self.deviations(network, sub, spec.c[index])
+
+        def margins_at(index: np.ndarray, radii: np.ndarray) -> np.ndarray:
+            return spec.subset(index).combine(row_lower(index, radii)) - slack[index]
 
         searchable = centre > slack
         n = len(problem)
@@ -352,7 +265,10 @@ class LocalLipschitzBackend(BackendBase):
             outcomes = Outcomes(centre, slack, np.where(first == eps, at_first, np.nan), radius,
                                 (radius >= eps) & (radius > 0), late)
         else:
-            margin = margins_at(np.arange(n), region.eps)
+            rows = row_lower(np.arange(n), region.eps)
+            if self.options.lipsdp_rows:
+                rows = self.refine_with_lipsdp(network, region, spec, values, rows, slack)
+            margin = spec.combine(rows) - slack
             outcomes = Outcomes(centre, slack, margin, np.where(margin > 0, eps, 0.0), margin > 0)
         seconds = (time.perf_counter() - start) / max(n, 1)
         return outcomes.certificates(self.name, region.centres, seconds)

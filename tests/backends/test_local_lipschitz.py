@@ -10,12 +10,8 @@ from torch import nn
 
 from lipverify.backends._margin_search import Region, Spec
 from lipverify.backends.lirpa import LirpaBackend
-from lipverify.backends.local_lipschitz import (
-    LocalJacobian,
-    LocalLipschitzBackend,
-    LocalOptions,
-    slope_interval,
-)
+from lipverify.backends._local_jacobian import LocalJacobian, slope_interval
+from lipverify.backends.local_lipschitz import LocalLipschitzBackend, LocalOptions
 from lipverify.data import load_data
 from lipverify.models import INPUT_SHAPE, load_shipped
 from lipverify.network.extract import extract_layers
@@ -251,3 +247,21 @@ def test_supports_declines_residual_networks():
                                  Perturbation.ball(Norm.L2, 0.1))
     assert "residual" in (LocalLipschitzBackend().supports(network, problem) or "")
     assert LirpaBackend().supports(network, problem) is None
+
+
+def test_masked_lipsdp_refinement_only_tightens_and_stays_sound(networks, data):
+    x, y = data
+    pick = [7, 8, 9, 14]
+    x, y = x[pick], y[pick]
+    network = networks["digits_mlp"]
+    problem = Problem.robustness(x, y, 10, Perturbation.ball(Norm.L2, 0.5))
+    cheap = LocalLipschitzBackend().certify(network, problem)
+    refined = LocalLipschitzBackend(LocalOptions(lipsdp_rows=2)).certify(network, problem)
+    assert all(r.margin_lower >= c.margin_lower for c, r in zip(cheap, refined, strict=True))
+    assert any(r.margin_lower > c.margin_lower + 1e-6 for c, r in zip(cheap, refined,
+                                                                       strict=True))
+    verified = np.array([c.status == Status.VERIFIED for c in refined])
+    found = pgd_margin(network.module, x, y, Norm.L2, 0.5, steps=60)
+    assert np.all(found[verified] > 0)
+    for cert, low in zip(refined, found, strict=True):
+        assert cert.margin_lower <= low + 1e-6
