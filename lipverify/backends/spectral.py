@@ -76,6 +76,13 @@ def _threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _body_details(bounds: NetworkBounds) -> dict[str, float]:
+    """The body constants a certificate rests on (L2: 2->2; L-infinity: inf->inf and inf->2)."""
+    if bounds.norm == Norm.L2:
+        return {"L_body": bounds.body_l2}
+    return {"L_body": bounds.body_linf, "L_body_inf_to_l2": bounds.body_inf_to_l2}
+
+
 def _distance(a: np.ndarray, b: np.ndarray, norm: Norm) -> np.ndarray:
     """Upper bounds of `||a_i - b_i||` per row in `norm`."""
     diff = np.abs(a.reshape(len(a), -1) - b.reshape(len(b), -1))
@@ -242,10 +249,10 @@ class SpectralBackend(BackendBase):
             ratio = np.where(pair[labels] > 0, gaps / pair[labels], np.inf)
         ratio[rows, labels] = np.inf
         binding = np.argmin(ratio, axis=1)
-        body = bounds.body_l2 if norm == Norm.L2 else bounds.body_linf
+        body = _body_details(bounds)
         lips = pair[labels, binding]
         margins = gaps[rows, binding]
-        details = [{"L_body": body, "binding_class": int(j), "pair_lipschitz": float(lip),
+        details = [{**body, "binding_class": int(j), "pair_lipschitz": float(lip),
                     "centre_margin": float(m)}
                    for j, lip, m in zip(binding.tolist(), lips.tolist(), margins.tolist(),
                                         strict=True)]
@@ -263,11 +270,11 @@ class SpectralBackend(BackendBase):
             return cache[key]
 
         radii, details = [], []
-        body = bounds.body_l2 if bounds.norm == Norm.L2 else bounds.body_linf
+        body = _body_details(bounds)
         for prop, y, e in zip(problem.properties, outputs, errs, strict=True):
             r, worst = property_radius(prop, y, row_lipschitz, float(e))
             radii.append(r)
-            details.append({"L_body": body, "centre_margin": worst})
+            details.append({**body, "centre_margin": worst})
         return np.asarray(radii, dtype=np.float64), details
 
     def _certificates(self, radii: np.ndarray, budget: np.ndarray, details: list[dict[str, Any]],
