@@ -20,6 +20,8 @@ from lipverify.network.extract import MODULE_BACKENDS
 from lipverify.network.modules import GroupSort, Normalize
 
 ELEMENTWISE = {"add", "sub", "mul", "div", "neg"}
+# "matmul" covers every op linear in its one computed input (MatMul/Gemm with constant weights,
+# transposes): it becomes a dense layer read off by probing.
 _FUNCTIONS: dict[Callable[..., Any], str] = {
     operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
     operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
@@ -27,17 +29,20 @@ _FUNCTIONS: dict[Callable[..., Any], str] = {
     torch.tanh: "tanh", torch.sigmoid: "sigmoid", torch.flatten: "reshape",
     torch.reshape: "reshape", torch.squeeze: "reshape", torch.unsqueeze: "reshape",
     operator.matmul: "matmul", torch.matmul: "matmul", F.linear: "matmul",
+    torch.permute: "matmul", torch.transpose: "matmul",
 }
 _METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "neg": "neg",
             "relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "view": "reshape",
             "reshape": "reshape", "flatten": "reshape", "squeeze": "reshape",
-            "unsqueeze": "reshape", "contiguous": "reshape", "matmul": "matmul"}
+            "unsqueeze": "reshape", "contiguous": "reshape", "matmul": "matmul",
+            "permute": "matmul", "transpose": "matmul"}
 # onnx2torch's own modules, by class name (onnx2torch is imported only for ONNX files).
 _ONNX_MODULES = {"OnnxMatMul": "matmul", "OnnxGemm": "matmul", "OnnxFlatten": "reshape",
                  "OnnxReshape": "reshape", "OnnxSqueezeStaticAxes": "reshape",
                  "OnnxSqueezeDynamicAxes": "reshape", "OnnxUnsqueezeStaticAxes": "reshape",
                  "OnnxUnsqueezeDynamicAxes": "reshape", "OnnxCopyIdentity": "reshape",
-                 "OnnxNeg": "neg", "OnnxPadStatic": "pad", "OnnxPadDynamic": "pad"}
+                 "OnnxNeg": "neg", "OnnxPadStatic": "pad", "OnnxPadDynamic": "pad",
+                 "OnnxShape": "shape", "OnnxTranspose": "matmul"}
 _DIVISION_NAMES = {"_onnx_div", "div", "true_divide"}
 
 

@@ -45,8 +45,8 @@ from lipverify.network.layers import Activation, Dense, Layer, Reshape, Residual
 
 log = logging.getLogger(__name__)
 
-# Largest input width expanded into a dense matrix by probing (MatMul/Gemm on a big tensor).
-MAX_PROBE_WIDTH = 1 << 14
+# Largest matrix (entries) read off by probing a MatMul/Gemm/Transpose with unit vectors.
+MAX_DENSE_ENTRIES = 1 << 24
 PROBE_CHUNK = 512
 # Relative tolerance of the float64 checks that a probed map is the affine map read off.
 PROBE_RTOL = 1e-9
@@ -139,6 +139,8 @@ class _Walker:
         if not data:
             return
         value = self.env[node]
+        if op_kind(node, self.gm) == "shape":
+            return  # shape metadata as a tensor (ONNX Shape): a constant, like x.size(0)
         if not isinstance(value, torch.Tensor):
             if isinstance(value, (int, torch.Size)) or (
                     isinstance(value, tuple) and all(isinstance(v, int) for v in value)):
@@ -258,16 +260,20 @@ class _Walker:
 
     def _dense(self, node: fx.Node, src: fx.Node, shape: Shape, label: str) -> Dense:
         n = math.prod(shape)
-        if n > MAX_PROBE_WIDTH:
-            raise UnsupportedLayerError(f"{label} (input of {n} values too wide to expand)",
-                                        MODULE_BACKENDS)
-        basis = torch.cat([torch.zeros(1, n, dtype=torch.float64),
-                           torch.eye(n, dtype=torch.float64)]).reshape((n + 1, *shape))
-        out = self._probe(node, src, basis)
-        out_shape = tuple(out.shape[1:])
-        flat = out.reshape(n + 1, -1)
-        bias = flat[0].clone()
-        weight = (flat[1:] - bias).T.contiguous()
+        bias_out = self._probe(node, src, torch.zeros((1, *shape), dtype=torch.float64))
+        out_shape = tuple(bias_out.shape[1:])
+        if n * max(1, math.prod(out_shape)) > MAX_DENSE_ENTRIES:
+            raise UnsupportedLayerError(f"{label} (a {math.prod(out_shape)}x{n} matrix is too "
+                                        "large to expand)", MODULE_BACKENDS)
+        bias = bias_out.reshape(-1).clone()
+        columns = []
+        for lo in range(0, n, PROBE_CHUNK):  # the unit vectors, a chunk at a time
+            hi = min(lo + PROBE_CHUNK, n)
+            basis = torch.zeros((hi - lo, n), dtype=torch.float64)
+            basis[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
+            out = self._probe(node, src, basis.reshape((hi - lo, *shape)))
+            columns.append(out.reshape(hi - lo, -1) - bias)
+        weight = torch.cat(columns).T.contiguous()
         layer = Dense(weight, bias, tuple(shape), out_shape)
         x = _random((3, *shape), seed=2)
         self._check(self._probe(node, src, x), layer.forward(x), label)

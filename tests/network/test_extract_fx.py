@@ -95,7 +95,8 @@ def test_lipverify_modules_stay_whole():
                                        (lambda x: x * x, "mul"),
                                        (lambda x: torch.relu(x) + torch.tanh(x), "add"),
                                        (lambda x: 1.0 / x, "truediv"),
-                                       (lambda x: x.transpose(1, 2), "transpose")])
+                                       (lambda x: torch.abs(x), "abs"),
+                                       (lambda x: x.transpose(0, 1), "transpose")])
 def test_unsupported_ops_are_named(body, name):
     class Odd(nn.Module):
         def forward(self, x):
@@ -168,3 +169,19 @@ def test_unit_scale_diagonal_is_a_shift_and_pad_then_conv_is_one_conv():
     x = torch.randn(3, *shape, dtype=torch.float64)
     with torch.no_grad():
         assert torch.allclose(run_layers(layers, x), model(x), atol=1e-12)
+
+
+class Permuted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(24, 2)
+
+    def forward(self, x):  # NCHW -> NHWC, then flatten: a permutation, so a dense layer
+        return self.fc(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1))
+
+
+def test_permutations_become_dense_layers():
+    layers = _agree(Permuted(), (2, 3, 4))
+    assert [type(layer) for layer in layers] == [Dense, Reshape, Dense]
+    perm = layers[0].weight
+    assert torch.equal(perm @ perm.T, torch.eye(24, dtype=torch.float64))

@@ -299,3 +299,26 @@ def test_unknown_dimension_needs_an_input_shape(tmp_path):
         load_network(path)
     net = load_network(path, input_shape=(5,))
     assert net.input_shape == (5,) and math.prod(net.input_shape) == net.num_outputs
+
+
+def test_exported_dynamic_flatten_pattern(tmp_path):
+    """Shape -> Gather -> Unsqueeze -> Concat -> Reshape, as torch exports x.view(x.size(0), -1)."""
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "axes"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+             numpy_helper.from_array(rng.standard_normal((2, 12)).astype(np.float32), "W")]
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+             helper.make_node("Unsqueeze", ["b", "axes"], ["b1"]),
+             helper.make_node("Concat", ["b1", "minus_one"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "W"], ["y"], transB=1)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])
+    path = _save(tmp_path, _model(nodes, [x], [y], inits))
+    net = load_network(path)
+    assert [type(layer) for layer in net.layers] == [Reshape, Dense]
+    xs = rng.standard_normal((3, 3, 2, 2))
+    assert np.allclose(net.layer_forward(torch.from_numpy(xs)).numpy(),
+                       _ort_outputs(path, xs, True), atol=1e-5)
