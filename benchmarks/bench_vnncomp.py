@@ -71,13 +71,15 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def score(folder: Path, out: Path) -> dict[str, object]:
-    """Compare the results in `out` with the known answers of `folder`."""
+def score(folder: Path, out: Path, network: str | None = None) -> dict[str, object]:
+    """Compare the results in `out` with the known answers of `folder` (one network's only)."""
     expected = {(r["onnx"], r["vnnlib"]): r["expected"] for r in _rows(folder / "expected.csv")}
     tally: Counter[str] = Counter()
     times: list[float] = []
     wrong: list[str] = []
     for row in read_results(out / "results.csv"):
+        if network is not None and Path(row.onnx).stem != network:
+            continue
         key = (row.onnx, row.vnnlib)
         want, got = expected.get(key, "unknown"), row.result.value
         tally[got] += 1
@@ -95,7 +97,8 @@ def score(folder: Path, out: Path) -> dict[str, object]:
             times.append(row.run_time)
         tally["expected_" + want] += 1
         tally["run_time"] += row.run_time
-    return {"tally": tally, "times": times, "wrong": wrong, "reference": reference_counts(folder)}
+    reference = reference_counts(folder) if network is None else {}
+    return {"tally": tally, "times": times, "wrong": wrong, "reference": reference}
 
 
 def table(scores: dict[str, dict[str, object]], timeout: float) -> str:
@@ -148,10 +151,15 @@ def main(argv: list[str] | None = None) -> int:
                                               options):
             logging.info("%s %s: %s", instance.onnx, instance.vnnlib, answer.result.value)
         scores[bench] = score(folder, out)
+        rows = read_results(out / "results.csv")
+        networks = sorted({Path(r.onnx).stem for r in rows})
+        if 1 < len(networks) and 3 * len(networks) <= len(rows):  # a breakdown worth a row
+            for net in networks:
+                scores[f"&nbsp;&nbsp;{net}"] = score(folder, out, net)
     text = table(scores, args.timeout)
     print(text)
     for bench, s in scores.items():
-        for line in s["wrong"]:  # type: ignore[union-attr]
+        for line in s["wrong"] if not bench.startswith("&") else ():  # type: ignore[union-attr]
             print(f"WRONG {bench}: {line}")
     print(f"\nwall time {time.monotonic() - start:.0f} s")
     if args.markdown:
