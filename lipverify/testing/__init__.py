@@ -18,6 +18,9 @@ references (exact enumeration, sampled Jacobians, a PGD attack written here):
   outputs) is at least the exact constant of the tiny nets and every sampled Jacobian norm.
   Not applicable for backends without `lipschitz()` or that give estimates (`sound=False`).
 
+The references are public too (`exact_lipschitz_2d`, `jacobian_lower_bound`, `pgd`,
+`nearest_counterexamples`, `make_network`) for a backend's own tests.
+
 Example:
     >>> from lipverify.testing import check_backend
     >>> report = check_backend(MyBackend(), raise_on_failure=True)  # doctest: +SKIP
@@ -33,12 +36,23 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from lipverify.errors import InputError
+from lipverify.testing._attack import Regions, nearest_counterexamples, pgd
 from lipverify.testing._checks import CHECKS, Session
+from lipverify.testing._exact import (
+    affine_lipschitz,
+    exact_lipschitz_2d,
+    jacobian_lower_bound,
+    linear_region_jacobians,
+    operator_norm,
+)
 from lipverify.testing._report import BackendReport, CheckResult, ConformanceError, Outcome
-from lipverify.testing._zoo import CASE_NAMES, Case, ConformanceZoo, ProblemCase
+from lipverify.testing._zoo import CASE_NAMES, Case, ConformanceZoo, ProblemCase, make_network
 
 __all__ = ["CASE_NAMES", "CHECKS", "BackendReport", "Case", "CheckResult", "ConformanceError",
-           "ConformanceZoo", "Outcome", "ProblemCase", "check_backend", "one_torch_thread"]
+           "ConformanceZoo", "Outcome", "ProblemCase", "Regions", "affine_lipschitz",
+           "check_backend", "exact_lipschitz_2d", "jacobian_lower_bound",
+           "linear_region_jacobians", "make_network", "nearest_counterexamples", "one_torch_thread",
+           "operator_norm", "pgd"]
 
 
 def _factory(backend: object) -> tuple[object, Callable[[], object]]:
