@@ -222,7 +222,7 @@ def _holds(node: object, env: dict[str, float]) -> bool:
     return lhs <= rhs if head == "<=" else lhs >= rhs
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(st.lists(_formulas(), min_size=1, max_size=3),
        st.lists(st.tuples(*[st.integers(-4, 4)] * 4), min_size=20, max_size=20))
 def test_random_formulas_match_their_meaning(formulas, points):
