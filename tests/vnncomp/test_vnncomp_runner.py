@@ -83,7 +83,7 @@ def test_too_little_time_is_a_timeout_not_an_answer():
     answer = run_instance(folder / "onnx" / "mnist-net_256x4.onnx",
                           folder / "vnnlib" / "prop_0_0.03.vnnlib", RunOptions(timeout=0.3))
     assert answer.result in (VnncompResult.TIMEOUT, VnncompResult.UNKNOWN)
-    assert answer.seconds < 5
+    assert answer.seconds < 15  # parsing and opening the network, nothing more
 
 
 def test_a_backend_past_the_deadline_is_stopped():
