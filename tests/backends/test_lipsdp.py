@@ -1,0 +1,168 @@
+"""The lipsdp backend: supports(), sound pair bounds, caching, certificates, cascade gain."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lipverify.backends.lipsdp import LipSDPBackend, LipSDPOptions
+from lipverify.data import digits_split
+from lipverify.margins import robust_radii
+from lipverify.models import INPUT_SHAPE, load_shipped
+from lipverify.network.extract import extract_layers
+from lipverify.network.modules import GroupSort, ResidualBlock
+from lipverify.network.network import Network
+from lipverify.orchestrator import run_cascade
+from lipverify.types import Norm, Perturbation, Problem, Scope, Status
+
+
+def make_network(module, shape, outputs):
+    module = module.eval()
+    return Network(module, tuple(shape), outputs, extract_layers(module, tuple(shape)))
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return make_network(load_shipped("digits_mlp"), INPUT_SHAPE, 10)
+
+
+@pytest.fixture(scope="module")
+def mlp_backend(mlp, tmp_path_factory):
+    backend = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path_factory.mktemp("cache"))))
+    backend.pair_bounds(mlp)  # 45 SDPs, shared by the tests below
+    return backend
+
+
+@pytest.fixture(scope="module")
+def digits():
+    _, _, x, y = digits_split()
+    return x[:150], y[:150]
+
+
+def small_net(seed=0, act=nn.ReLU):
+    torch.manual_seed(seed)
+    return make_network(nn.Sequential(nn.Linear(5, 8), act(), nn.Linear(8, 6), act(),
+                                      nn.Linear(6, 3)), (5,), 3)
+
+
+def robust_problem(x, y, eps, norm=Norm.L2):
+    return Problem.robustness(x, y, 10, Perturbation.ball(norm, eps))
+
+
+def test_supports_says_why_not(tmp_path):
+    backend = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path)))
+    problem = Problem.robustness(np.zeros((1, 4), np.float32), [0], 2, Perturbation.ball(2, 0.1))
+    res = make_network(nn.Sequential(nn.Linear(4, 4), ResidualBlock(nn.Linear(4, 4), nn.ReLU()),
+                                     nn.Linear(4, 2)), (4,), 2)
+    assert "residual" in backend.supports(res, problem)
+    gs = make_network(nn.Sequential(nn.Linear(4, 4), GroupSort(2), nn.Linear(4, 2)), (4,), 2)
+    assert "groupsort" in backend.supports(gs, problem)
+    ok = make_network(nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 2)), (4,), 2)
+    assert backend.supports(ok, problem) is None
+    tiny = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path), memory_budget_gb=1e-6))
+    assert "GiB" in tiny.supports(ok, problem)
+
+
+def test_supports_small_cnn_through_conv_matrices(tmp_path):
+    cnn = make_network(load_shipped("digits_cnn"), INPUT_SHAPE, 10)
+    problem = robust_problem(np.zeros((1, *INPUT_SHAPE), np.float32), [0], 0.1)
+    assert LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path))).supports(cnn, problem) is None
+    small = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path), memory_budget_gb=0.05))
+    assert "GiB" in small.supports(cnn, problem)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+def test_global_bound_between_sampled_gradients_and_product(tmp_path, act):
+    net = small_net(1, act)
+    backend = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path)))
+    bound = backend.lipschitz(net, Norm.L2)
+    assert bound.sound and bound.scope == Scope.GLOBAL
+    x = torch.randn(400, 5, requires_grad=True) * 2
+    jac = torch.func.vmap(torch.func.jacrev(net.module))(x)
+    sampled = float(torch.linalg.matrix_norm(jac, ord=2).max())
+    weights = [m.weight.detach().double() for m in net.module if isinstance(m, nn.Linear)]
+    product = float(np.prod([torch.linalg.matrix_norm(w, ord=2).item() for w in weights]))
+    assert sampled <= bound.value <= product * (1 + 1e-9)
+    linf = backend.lipschitz(net, Norm.LINF)
+    assert linf.value >= bound.value * math.sqrt(5)
+
+
+def test_pair_bounds_hold_on_sampled_pairs_and_are_cached(mlp, mlp_backend, digits, tmp_path):
+    pairs = mlp_backend.pair_bounds(mlp)
+    assert np.allclose(pairs, pairs.T) and np.all(np.diag(pairs) == 0)
+    assert np.all(pairs[~np.eye(10, dtype=bool)] > 0)
+    x, _ = digits
+    rng = np.random.default_rng(0)
+    x0 = x[:50].reshape(50, -1).astype(np.float64)
+    x1 = x0 + rng.normal(size=x0.shape) * rng.uniform(0.01, 1.0, size=(50, 1))
+    f0, f1 = mlp.forward(x0.astype(np.float32)), mlp.forward(x1.astype(np.float32))
+    dist = np.linalg.norm(x1 - x0, axis=1)
+    for y in range(10):
+        for j in range(10):
+            change = np.abs((f1[:, y] - f1[:, j]) - (f0[:, y] - f0[:, j]))
+            assert np.all(change <= pairs[y, j] * dist + 1e-4)
+    # a fresh backend on the same cache directory reads the JSON file instead of solving
+    fresh = LipSDPBackend(LipSDPOptions(cache_dir=str(mlp_backend.options.cache_dir)))
+    np.testing.assert_array_equal(fresh.pair_bounds(mlp), pairs)
+
+
+def test_certify_uses_pairwise_radii(mlp, mlp_backend, digits):
+    x, y = digits
+    problem = robust_problem(x, y, 0.3)
+    certs = mlp_backend.certify(mlp, problem)
+    expected = robust_radii(mlp.forward(x), y, mlp_backend.pair_bounds(mlp))
+    np.testing.assert_allclose([c.radius for c in certs], expected, rtol=1e-12)
+    assert all((c.status == Status.VERIFIED) == (c.radius >= 0.3) for c in certs)
+    # L-inf: the same pair bounds times sqrt(64) on the input side
+    linf = mlp_backend.certify(mlp, robust_problem(x, y, 0.3 / 8, Norm.LINF))
+    for a, b in zip(certs, linf, strict=True):
+        assert b.radius <= a.radius / 8 * (1 + 1e-9)
+        assert b.radius >= a.radius / 8 * (1 - 1e-6)
+
+
+def test_general_properties_use_row_bounds(tmp_path):
+    net = small_net(2)
+    backend = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path)))
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+    labels = np.argmax(net.forward(x), axis=1)
+    robust = Problem.robustness(x, labels, 3, Perturbation.ball(2, 0.01))
+    general = Problem(robust.inputs, tuple(type(p).linear(p.terms, 3) for p in
+                                           robust.properties), robust.perturbation)
+    a = backend.certify(net, robust)
+    b = backend.certify(net, general)
+    for ca, cb in zip(a, b, strict=True):
+        assert cb.radius == pytest.approx(ca.radius, rel=1e-6)
+
+
+def pair_product_bounds(network):
+    """Per-pair spectral product ||(e_y - e_j) W_L|| prod ||W_l||, computed here directly."""
+    weights = [m.weight.detach().double() for m in network.module if isinstance(m, nn.Linear)]
+    inner = np.prod([torch.linalg.matrix_norm(w, ord=2).item() for w in weights[:-1]])
+    last = weights[-1].numpy()
+    k = last.shape[0]
+    return np.array([[np.linalg.norm(last[y] - last[j]) * inner for j in range(k)]
+                     for y in range(k)]) * (1 + 1e-6)
+
+
+def test_lipsdp_certifies_more_than_the_spectral_product(mlp, mlp_backend, digits):
+    x, y = digits
+    outputs = mlp.forward(x)
+    spectral = robust_radii(outputs, y, pair_product_bounds(mlp))
+    lipsdp = robust_radii(outputs, y, mlp_backend.pair_bounds(mlp))
+    assert np.all(lipsdp >= spectral * (1 - 1e-9))
+    eps = float(np.median(lipsdp[lipsdp > 0]))
+    assert np.sum(lipsdp >= eps) > np.sum(spectral >= eps)
+
+
+def test_cascade_with_spectral_certifies_more(mlp, mlp_backend, digits):
+    spectral_mod = pytest.importorskip("lipverify.backends.spectral")
+    x, y = digits
+    spectral = spectral_mod.SpectralBackend()
+    problem = robust_problem(x, y, 0.25)
+    alone = run_cascade(mlp, problem, [spectral])
+    both = run_cascade(mlp, problem, [spectral, mlp_backend])
+    n_alone = sum(c.status == Status.VERIFIED for c in alone.best)
+    n_both = sum(c.status == Status.VERIFIED for c in both.best)
+    assert n_both > n_alone
