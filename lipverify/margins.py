@@ -70,7 +70,7 @@ def robust_radii(outputs: np.ndarray, labels: np.ndarray, pair_lipschitz: np.nda
     err = 2 * forward_error(outputs)
     margins = outputs[rows, labels][:, None] - outputs - err[:, None]
     lip = pair_lipschitz[labels] * (1 + LIPSCHITZ_REL_SLACK)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         radii = np.where(margins > 0, margins / lip, 0.0)
     radii = np.where((margins > 0) & (lip == 0), np.inf, radii)
     radii[rows, labels] = np.inf
