@@ -6,8 +6,10 @@ attacks", ICLR 2018 (https://arxiv.org/abs/1706.06083).
 Searches each input's region (an L2 or L-infinity ball, or a box) for a point where the property
 is violated, minimising the property margin (per term: the largest row of `C y - d`; overall:
 the smallest term). Restart 0 starts at the centre and attacks the overall margin; the others
-start at random points and attack one term each, the terms closest to violation first. A
-counterexample is reported only after it is rounded to float32 inside the region and a float32
+start at random points, moved along a random direction of the outputs first (output-diversified
+initialisation: Tashiro, Song, Ermon, NeurIPS 2020, https://arxiv.org/abs/2003.06878, which
+escapes the flat regions around some centres), and attack one term each, the terms closest to
+violation first. A counterexample is reported only after it is rounded to float32 inside the region and a float32
 and a float64 forward pass of the original module both confirm the violation; otherwise the
 answer is `unknown`. It never verifies anything.
 """
@@ -32,9 +34,10 @@ from lipverify.types import Certificate, Norm, Problem, Property, Status
 log = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 50
-DEFAULT_RESTARTS = 4
+DEFAULT_RESTARTS = 10  # the centre, then one random start per term of a 10-class robustness
 DEFAULT_STEP_SIZE = 0.25
 DEFAULT_BATCH = 128
+DEFAULT_ODS_STEPS = 5
 # The step size decays (cosine) from step_size to this fraction of it.
 FINAL_STEP_FRACTION = 0.05
 # Tries at pulling a float32-rounded point back inside an L2 ball.
@@ -54,6 +57,8 @@ class AttackOptions(BackendOptions):
         restarts: Starts per input (the first at the centre, the others random).
         step_size: First step as a fraction of the radius (box: of each half-width).
         batch_size: Inputs attacked together (times `restarts` forward passes per step).
+        ods_steps: Steps that move each random start along a random direction of the outputs
+            before the descent (output-diversified initialisation, Tashiro et al., NeurIPS 2020).
 
     """
 
@@ -61,6 +66,7 @@ class AttackOptions(BackendOptions):
     restarts: int = _help(DEFAULT_RESTARTS, "Starts per input (the first at the centre).")
     step_size: float = _help(DEFAULT_STEP_SIZE, "First step as a fraction of the radius.")
     batch_size: int = _help(DEFAULT_BATCH, "Inputs attacked together.")
+    ods_steps: int = _help(DEFAULT_ODS_STEPS, "Output-diversification steps of random starts.")
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,10 +144,17 @@ def _padded_terms(props: list[Property], k: int) -> tuple[np.ndarray, np.ndarray
     return cs, ds
 
 
-def _term_margins(y: torch.Tensor, cs: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
-    """Per sample and term, the largest row of `C y - d` (violated when <= 0)."""
+def _term_margins(y: torch.Tensor, cs: torch.Tensor,
+                  ds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample and term: the largest row of `C y - d` (violated when <= 0), and what to descend.
+
+    The descent minimises that plus the positive parts of all rows, so every row still above
+    zero pulls (the largest row alone zig-zags between rows at a conjunction's corner).
+    """
     m, t, r, k = cs.shape
-    return (torch.bmm(cs.reshape(m, t * r, k), y[:, :, None]).reshape(m, t, r) - ds).amax(dim=2)
+    rows = torch.bmm(cs.reshape(m, t * r, k), y[:, :, None]).reshape(m, t, r) - ds
+    hard = rows.amax(dim=2)
+    return hard, hard + torch.relu(rows).sum(dim=2) if r > 1 else hard
 
 
 class AttackBackend(BackendBase):
@@ -216,10 +229,16 @@ class AttackBackend(BackendBase):
         return certs
 
     # -- the search ----------------------------------------------------------------------------
-    def _starts(self, regions: _Regions, restarts: int) -> np.ndarray:
-        """(n, restarts, d) starting points: the centre, then seeded random points."""
+    def _starts(self, regions: _Regions, restarts: int,
+                outputs: int) -> tuple[np.ndarray, np.ndarray]:
+        """Starting points (n, restarts, d) and output weights (n, restarts, K).
+
+        The centre, then seeded random points; the weights (zero for the centre) are the random
+        output directions of the diversification.
+        """
         n, d = regions.centre.shape
         out = np.repeat(regions.centre[:, None, :], restarts, axis=1)
+        weights = np.zeros((n, restarts, outputs))
         for i in range(n):  # seeded per input content: independent of batch composition
             key = zlib.crc32(np.ascontiguousarray(regions.centre[i]).tobytes())
             rng = np.random.default_rng([self.options.seed, key])
@@ -231,7 +250,8 @@ class AttackBackend(BackendBase):
                 g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-30)
                 r = regions.eps * rng.random((restarts - 1, 1)) ** (1.0 / d)
                 out[i, 1:] = regions.centre[i] + g * r
-        return out
+            weights[i, 1:] = rng.uniform(-1, 1, size=(restarts - 1, outputs))
+        return out, weights
 
     def _attack_chunk(self, network: Network, problem: Problem, index: np.ndarray,
                       regions: _Regions, stop_at: float) -> list[tuple[np.ndarray, float]]:
@@ -252,8 +272,9 @@ class AttackBackend(BackendBase):
         if regions.lower is not None:
             lower = torch.as_tensor(regions.lower[owner], dtype=torch.float32, device=dev)
             upper = torch.as_tensor(regions.upper[owner], dtype=torch.float32, device=dev)
-        x = torch.as_tensor(self._starts(regions, restarts).reshape(m, d), dtype=torch.float32,
-                            device=dev)
+        starts, weights = self._starts(regions, restarts, network.num_outputs)
+        x = torch.as_tensor(starts.reshape(m, d), dtype=torch.float32, device=dev)
+        weights = torch.as_tensor(weights.reshape(m, -1), dtype=torch.float32, device=dev)
 
         def project(z: torch.Tensor) -> torch.Tensor:
             if lower is not None:
@@ -262,15 +283,35 @@ class AttackBackend(BackendBase):
             length = delta.norm(dim=1, keepdim=True).clamp_min(1e-30)
             return centre + delta * torch.clamp(regions.eps / length, max=1.0)
 
-        def margins(z: torch.Tensor) -> torch.Tensor:
+        def margins(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             y = network.module(z.reshape((m, *network.input_shape))).reshape(m, -1)
             return _term_margins(y, cs, ds)
 
-        with torch.no_grad():  # which term each restart attacks: the closest ones first
-            order = torch.argsort(margins(x)[::restarts], dim=1)  # at the centres
-        rank = torch.as_tensor((np.arange(m) % restarts) - 1, device=dev)
+        rank = torch.as_tensor((np.arange(m) % restarts) - 1, device=dev)  # -1: the centre
         t_count = cs.shape[1]
+        # L-infinity steps: the sign of the gradient, or (every other round of random restarts
+        # over the terms) the gradient scaled to unit largest entry, which can stop inside the
+        # box where sign steps only zig-zag (an optimum on a face, as linear programs have).
+        scaled = ((rank >= 0) & ((rank // t_count) % 2 == 1))[:, None]
+
+        def step_direction(grad: torch.Tensor, sign_only: bool = False) -> torch.Tensor:
+            if regions.norm == Norm.L2:
+                return grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            if sign_only:
+                return grad.sign()
+            top = grad.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+            return torch.where(scaled, grad / top, grad.sign())
+
+        with torch.no_grad():  # which term each restart attacks: the closest ones first
+            order = torch.argsort(margins(x)[0][::restarts], dim=1)  # at the centres
         target = order[torch.as_tensor(owner, device=dev), rank.clamp_min(0) % t_count]
+        for _ in range(opts.ods_steps if restarts > 1 else 0):
+            # output-diversified starts: ascend a random direction of the outputs
+            z = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                y = network.module(z.reshape((m, *network.input_shape))).reshape(m, -1)
+                grad = torch.autograd.grad((y * weights).sum(), z)[0]
+            x = project(z.detach() + half * step_direction(grad, sign_only=True))
         overall = rank < 0
         best_x = x.detach().clone()
         best = torch.full((m,), math.inf, device=dev)
@@ -278,9 +319,10 @@ class AttackBackend(BackendBase):
         for step in range(steps + 1):
             x = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                terms = margins(x)
+                terms, smooth = margins(x)
                 total = terms.amin(dim=1)
-                objective = torch.where(overall, total, terms.gather(1, target[:, None])[:, 0])
+                objective = torch.where(overall, smooth.amin(dim=1),
+                                        smooth.gather(1, target[:, None])[:, 0])
                 grad = torch.autograd.grad(objective.sum(), x)[0] if step < steps else None
             better = total.detach() < best
             best = torch.where(better, total.detach(), best)
@@ -294,11 +336,7 @@ class AttackBackend(BackendBase):
             decay = FINAL_STEP_FRACTION + (1 - FINAL_STEP_FRACTION) * 0.5 * (
                 1 + math.cos(math.pi * step / max(steps, 1)))
             alpha = opts.step_size * decay * half
-            if regions.norm == Norm.L2:
-                direction = grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            else:
-                direction = grad.sign()
-            x = project(x.detach() - alpha * direction)
+            x = project(x.detach() - alpha * step_direction(grad))
         best = best.reshape(n, restarts)
         pick = best.argmin(dim=1)
         rows = torch.arange(n, device=dev) * restarts + pick

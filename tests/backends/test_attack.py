@@ -203,3 +203,37 @@ def test_deadline_and_supports():
     assert AttackBackend().supports(net, problem) is None
     other = Problem.robustness(x[:3], y[:3] % 5, 5, Perturbation.ball("2", 0.5))
     assert "outputs" in AttackBackend().supports(net, other)
+
+
+MNIST_FC = Path("/work/shared/benchmarks/vnncomp/mnist_fc_2022")
+
+
+def _read_robustness(path):
+    """A VNN-COMP mnist_fc property read by hand: the input box and the label whose
+    robustness it states (violated when some Y_j >= Y_label)."""
+    text = path.read_text()
+    lo, hi = _read_box(path)
+    label = int(re.search(r"label: (\d+)", text).group(1))
+    others = sorted(int(j) for j, t in re.findall(r"\(>= Y_(\d+) Y_(\d+)\)", text))
+    assert others == [j for j in range(10) if j != label]
+    return lo, hi, Property.robust(label, 10)
+
+
+@pytest.mark.skipif(not MNIST_FC.exists(), reason="shared benchmarks not present")
+@pytest.mark.parametrize("prop_name,expected", [
+    ("prop_2_0.03", Status.FALSIFIED),  # a plateau around the centre: needs diversified starts
+    ("prop_0_0.05", Status.FALSIFIED),
+    ("prop_0_0.03", Status.UNKNOWN),    # verified by the competition: never falsified
+    ("prop_3_0.05", Status.UNKNOWN)])
+def test_vnncomp_2022_mnist_fc(prop_name, expected):
+    path = MNIST_FC / "onnx/mnist-net_256x2.onnx"
+    lo, hi, prop = _read_robustness(MNIST_FC / f"vnnlib/{prop_name}.vnnlib")
+    net = load_network(path)
+    (cert,) = AttackBackend().certify(net, _box_problem(lo, hi, prop, net.input_shape))
+    assert cert.status == expected
+    if expected == Status.FALSIFIED:
+        cex = np.array(cert.counterexample, np.float32)
+        assert np.all(cex >= lo) and np.all(cex <= hi)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        y = session.run(None, {session.get_inputs()[0].name: cex.reshape(1, 784, 1)})[0]
+        assert prop.violated(y.reshape(-1))
