@@ -89,7 +89,7 @@ def build_network(module: nn.Module, input_shape: Shape, *,
     """Wrap a module: eval mode, finite weights, its output size and its checked layer view."""
     if not input_shape or any(s <= 0 for s in input_shape):
         raise InputError(f"input shape {tuple(input_shape)} must be non-empty and positive")
-    module = module.eval()
+    module = module.eval().to("cpu")  # checked on the CPU, then moved to `device`
     _check_finite(module, name)
     try:
         with torch.no_grad():
@@ -114,7 +114,7 @@ def layer_view(module: nn.Module, input_shape: Shape) -> tuple[tuple[Layer, ...]
     if plain is None:
         return None, (f"TorchScript {getattr(module, 'original_name', 'module')} (a layer view "
                       "needs a scripted Sequential of standard layers)")
-    if plain is not None and not isinstance(plain, (torch.fx.GraphModule, PerSample)):
+    if not isinstance(plain, (torch.fx.GraphModule, PerSample)):
         try:
             layers = extract_layers(plain, input_shape)
         except UnsupportedLayerError as exc:
