@@ -30,7 +30,11 @@ import torch
 from lipverify.backends.base import BackendBase, BackendOptions
 from lipverify.bounds.certify import RowSet, lower_bounds, margin_lower
 from lipverify.bounds.chain import Chain, build_chain
-from lipverify.bounds.intermediate import IntermediateOptions
+from lipverify.bounds.intermediate import (
+    DEFAULT_PROPAGATION_BUDGET,
+    DEFAULT_ROW_CHUNK,
+    IntermediateOptions,
+)
 from lipverify.bounds.operator import BlockNorms, block_norms
 from lipverify.bounds.optimise import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_LR_DECAY
 from lipverify.errors import ModelError
@@ -57,6 +61,8 @@ class L2PropOptions(BackendOptions):
         batch_size: Inputs bounded together.
         crown_layers: ReLU layers (after the first) whose intermediate bounds use backward
             propagation as well as Lipschitz intervals; None for all.
+        propagation_budget: Per-layer cost cap (rows x earlier unstable neurons) above which
+            intermediate bounds use the Lipschitz interval only; None for no cap.
         row_chunk: Objective rows per backward pass of intermediate bounds (memory).
         radius_steps: Bisection steps of the certified-radius search.
         device: Torch device; None picks CUDA when available, else CPU.
@@ -67,7 +73,8 @@ class L2PropOptions(BackendOptions):
     lr_decay: float = DEFAULT_LR_DECAY
     batch_size: int = DEFAULT_BATCH
     crown_layers: int | None = None
-    row_chunk: int = 2048
+    propagation_budget: int | None = DEFAULT_PROPAGATION_BUDGET
+    row_chunk: int = DEFAULT_ROW_CHUNK
     radius_steps: int = DEFAULT_RADIUS_STEPS
     device: str | None = None
 
@@ -131,7 +138,8 @@ class L2PropBackend(BackendBase):
         """Sound lower bounds of each input's property margin at per-input radii `eps`."""
         prep = self._prepare(network)
         opts = self.options
-        inter = IntermediateOptions(crown_layers=opts.crown_layers, row_chunk=opts.row_chunk)
+        inter = IntermediateOptions(crown_layers=opts.crown_layers,
+                                    budget=opts.propagation_budget, row_chunk=opts.row_chunk)
         out = np.empty(len(problem))
         device = self._device()
         torch.manual_seed(opts.seed)

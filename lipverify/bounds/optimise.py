@@ -1,6 +1,6 @@
 """Optimisation of the lower slopes (alpha) for the final objective rows, as alpha-CROWN does.
 
-Each iterate's slopes, clamped to `[0, 1]`, give a valid bound and the multipliers are re-chosen
+Each iterate's slopes (for positive and, optionally, negative coefficients), clamped to `[0, 1]`, give a valid bound and the multipliers are re-chosen
 per iterate by `best_multiplier`, so optimisation only changes tightness. The best slopes per
 objective row (each row has its own slopes) are kept, and the returned bound is one plain
 evaluation of `propagate` at those slopes, with no gradient.
@@ -24,12 +24,17 @@ DEFAULT_LR_DECAY = 0.98
 
 @dataclass(frozen=True)
 class SlopeOptions:
-    """Adam on the slopes: `iterations` steps (0: CROWN's slopes), learning rate and decay."""
+    """Adam on the slopes: `iterations` steps (0: CROWN's slopes), learning rate and decay.
+
+    `upper`: optimise the slopes of neurons with negative coefficients too (CROWN keeps them at
+    `u / (u - l)`, the best choice only without the coupling term).
+    """
 
     iterations: int = DEFAULT_ITERATIONS
     lr: float = DEFAULT_LR
     lr_decay: float = DEFAULT_LR_DECAY
     couple: bool = True
+    upper: bool = True
 
 
 def optimised_bound(chain: Chain, rows: torch.Tensor, x0: torch.Tensor, rho: torch.Tensor,
@@ -43,23 +48,25 @@ def optimised_bound(chain: Chain, rows: torch.Tensor, x0: torch.Tensor, rho: tor
     options = options or SlopeOptions()
     end = chain.num_relus
     batch, specs = rows.shape[:2]
-    alphas = [r.initial_alpha().unsqueeze(1).expand(batch, specs, -1).clone() for r in relus]
+    alphas = [t for r in relus for t in (r.initial_alpha().unsqueeze(1).expand(batch, specs, -1),
+                                         r.upper_slope().unsqueeze(1).expand(batch, specs, -1))]
+    alphas = [a.clone() for a in alphas]
     with torch.no_grad():
-        best = propagate(chain, end, rows, x0, rho, relus, alphas, options.couple)
+        best = propagate(chain, end, rows, x0, rho, relus, _pairs(alphas), options.couple)
     if options.iterations <= 0 or not relus:
         return best
     best_alphas = [a.clone() for a in alphas]
     best_bound = best.bound.clone()
-    params = [a.requires_grad_() for a in alphas]
+    params = [a.requires_grad_() for i, a in enumerate(alphas) if options.upper or i % 2 == 0]
     opt = torch.optim.Adam(params, lr=options.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, options.lr_decay)
     for _ in range(options.iterations):
-        res = propagate(chain, end, rows, x0, rho, relus, params, options.couple)
+        res = propagate(chain, end, rows, x0, rho, relus, _pairs(alphas), options.couple)
         bound = res.bound
         with torch.no_grad():
             better = bound > best_bound
             best_bound = torch.where(better, bound, best_bound)
-            for a, b in zip(params, best_alphas, strict=True):
+            for a, b in zip(alphas, best_alphas, strict=True):
                 b.copy_(torch.where(better.unsqueeze(-1), a.clamp(0, 1), b))
             if target is not None:
                 active = ~(best_bound > target).all(dim=1)
@@ -76,4 +83,9 @@ def optimised_bound(chain: Chain, rows: torch.Tensor, x0: torch.Tensor, rho: tor
             for a in params:
                 a.clamp_(0.0, 1.0)
     with torch.no_grad():
-        return propagate(chain, end, rows, x0, rho, relus, best_alphas, options.couple)
+        return propagate(chain, end, rows, x0, rho, relus, _pairs(best_alphas), options.couple)
+
+
+def _pairs(flat: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`[lo_0, up_0, lo_1, up_1, ...]` as `[(lo_0, up_0), ...]`."""
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]

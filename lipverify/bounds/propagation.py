@@ -5,7 +5,10 @@ For objective rows `A` on the pre-activation (or output) `z_K` of block `K`, a l
 for the current variable `v`:
 
 1. block `k` (affine, exact): `L . T_k(a) = (T_k^* L) . a + L . T_k(0)`;
-2. ReLU `k` (`a = relu(z)`, see `relaxation`): `L . relu(z) >= g . z + h(g, lam)`;
+2. ReLU `k` (`a = relu(z)`, see `relaxation`): `L . relu(z) >= g . z + h(g, lam)`, where only
+   unstable neurons contribute to `h`: for an active neuron (`g_i = p_i`, `l_i > 0`) the term
+   `min_t lam/2 (t - c_i)^2` over the box is 0, for a dead one (`g_i = 0`) likewise, since the
+   centre lies in the box (were it outside by rounding, 0 would still be a lower bound);
 3. input: `L . x >= L . x0 - rho ||L||_2` (Cauchy-Schwarz, attained on the ball).
 
 Every step is an inequality valid for every `x` in the ball, for every slope in `[0, 1]` and
@@ -38,8 +41,11 @@ class Propagated:
     magnitude: torch.Tensor
 
 
+Slopes = tuple[torch.Tensor, torch.Tensor]
+
+
 def propagate(chain: Chain, end: int, rows: torch.Tensor, x0: torch.Tensor, rho: torch.Tensor,
-              relus: Sequence[ReluBounds], alphas: Sequence[torch.Tensor | None] | None = None,
+              relus: Sequence[ReluBounds], alphas: Sequence[Slopes] | None = None,
               couple: bool = True) -> Propagated:
     """Lower bound of `rows . z_end(x)` over the ball, `z_end` the output of block `end`.
 
@@ -50,7 +56,8 @@ def propagate(chain: Chain, end: int, rows: torch.Tensor, x0: torch.Tensor, rho:
         x0: `(B, *input_shape)` ball centres.
         rho: `(B,)` ball radii.
         relus: bounds of ReLU layers `0 .. end - 1`.
-        alphas: per ReLU layer `(B, S, n_k)` lower slopes, or None for CROWN's adaptive ones.
+        alphas: per ReLU layer a pair `(B, S, n_k)` of slopes used where the coefficient is
+            `>= 0` and `< 0`, or None for CROWN's slopes.
         couple: False gives plain CROWN under L2 (no coupling term, `lam = 0`).
     """
     batch, specs = rows.shape[:2]
@@ -67,13 +74,18 @@ def propagate(chain: Chain, end: int, rows: torch.Tensor, x0: torch.Tensor, rho:
             break
         relu = relus[k - 1]
         p = lam_a.reshape(batch, specs, -1)
-        alpha = alphas[k - 1] if alphas is not None else None
-        g = p * relu_slopes(relu, p, alpha)
+        lo_alpha, up_alpha = alphas[k - 1] if alphas is not None else (None, None)
+        g = p * relu_slopes(relu, p, lo_alpha, up_alpha)
+        # Stable neurons add exactly 0 to the offset (slope 1 or 0, centre inside the box),
+        # so only neurons unstable for some input of the batch enter it.
+        idx = torch.nonzero(relu.unstable.any(0)).flatten()
+        sub = relu.select(idx)
+        p_u, g_u = p[..., idx], g[..., idx]
         if couple:
-            lam = best_multiplier(relu, p.detach(), g.detach())
+            lam = best_multiplier(sub, p_u.detach(), g_u.detach())
         else:
             lam = torch.zeros(batch, specs, dtype=p.dtype, device=p.device)
-        h = coupled_offset(relu, p, g, lam)
+        h = coupled_offset(sub, p_u, g_u, lam)
         beta = beta + h
         magnitude = magnitude + h.abs()
         lam_a = g.reshape(batch * specs, -1)

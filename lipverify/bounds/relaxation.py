@@ -22,8 +22,10 @@ computed in closed form, so the offset is exact for the given `g`, `lam` (no inn
   ICML 2025, arXiv 2506.06665, the `h(g, lambda)` of their ReLU theorem).
 
 `g = p * slope` with CROWN's slopes: 1 on active neurons, 0 on dead ones; on unstable neurons
-the optimisable lower slope `alpha in [0, 1]` where `p >= 0` and the upper slope `u / (u - l)`
-where `p < 0`. Any slope is sound here (the offset adapts), the choice only affects tightness.
+an optimisable slope in `[0, 1]`, initialised to CROWN's adaptive lower slope where `p >= 0` and
+to the upper slope `u / (u - l)` where `p < 0`. Any slope is sound here (the offset adapts to
+it), the choice only affects tightness; unlike plain CROWN the upper slope is worth optimising
+too, since with `lam > 0` the chord is no longer the best choice.
 The multiplier `lam` is chosen per objective row by a safeguarded Newton search on the concave
 dual function; any `lam` it returns is valid, so the search needs no precision guarantee.
 """
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 # Newton steps (in log lam) of the multiplier search, and the largest step per iteration.
-LAMBDA_NEWTON_STEPS = 14
+LAMBDA_NEWTON_STEPS = 10
 LAMBDA_MAX_LOG_STEP = 4.0
 # A multiplier below this (relative to its natural scale) is treated as 0.
 LAMBDA_FLOOR = 1e-12
@@ -59,6 +61,11 @@ class ReluBounds:
         """Neurons whose sign is not fixed over the ball."""
         return (self.lower < 0) & (self.upper > 0)
 
+    def select(self, index: torch.Tensor) -> ReluBounds:
+        """The bounds of the neurons `index` only (same radius)."""
+        return ReluBounds(self.lower[:, index], self.upper[:, index], self.centre[:, index],
+                          self.radius)
+
     def upper_slope(self) -> torch.Tensor:
         """CROWN's upper slope `u / (u - l)` on unstable neurons (1 active, 0 dead)."""
         lo, hi = self.lower.clamp(max=0), self.upper.clamp(min=0)
@@ -71,9 +78,16 @@ class ReluBounds:
         return (self.upper > -self.lower).to(self.lower.dtype)
 
 
-def relu_slopes(bounds: ReluBounds, p: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
-    """Slopes `s` with `g = p * s` for coefficients `p` `(B, S, n)`; `alpha` `(B, S, n)` or None."""
-    upper = bounds.upper_slope().unsqueeze(1)
+def relu_slopes(bounds: ReluBounds, p: torch.Tensor, alpha: torch.Tensor | None,
+                upper_alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """Slopes `s` with `g = p * s` for coefficients `p` `(B, S, n)`.
+
+    `alpha` `(B, S, n)` are the slopes used where `p >= 0` (None: CROWN's adaptive lower slope)
+    and `upper_alpha` those where `p < 0` (None: CROWN's upper slope `u / (u - l)`). Every
+    slope in `[0, 1]` is sound with the coupled offset; stable neurons keep 1 (active) or 0.
+    """
+    upper = (bounds.upper_slope().unsqueeze(1) if upper_alpha is None
+             else upper_alpha.clamp(0.0, 1.0))
     lower_alpha = (bounds.initial_alpha().unsqueeze(1) if alpha is None
                    else alpha.clamp(0.0, 1.0))
     active = (bounds.lower >= 0).unsqueeze(1)
@@ -125,23 +139,28 @@ def best_multiplier(bounds: ReluBounds, p: torch.Tensor, g: torch.Tensor) -> tor
     decreasing in `lam`; Newton steps in `log lam` on that root, clipped, from the natural scale
     `||p - g|| / r`. Returns 0 where the dual is already maximal at `lam = 0`.
     """
-    lo, hi, c = (t.unsqueeze(1) for t in (bounds.lower, bounds.upper, bounds.centre))
-    r2 = (bounds.radius ** 2).unsqueeze(1).expand(p.shape[:2])
-    scale = torch.linalg.vector_norm(torch.maximum((p - g).abs(), g.abs()), dim=-1)
-    scale = scale / bounds.radius.unsqueeze(1).clamp(min=torch.finfo(p.dtype).tiny)
+    # The search runs in float32 (the multiplier is not a soundness input); the final
+    # comparison with lam = 0 and every offset the caller uses are float64.
+    f32 = torch.float32
+    lo, hi, c = (t.unsqueeze(1).to(f32) for t in (bounds.lower, bounds.upper, bounds.centre))
+    p32, g32 = p.to(f32), g.to(f32)
+    radius = bounds.radius.to(f32)
+    r2 = (radius ** 2).unsqueeze(1).expand(p.shape[:2])
+    scale = torch.linalg.vector_norm(torch.maximum((p32 - g32).abs(), g32.abs()), dim=-1)
+    scale = scale / radius.unsqueeze(1).clamp(min=torch.finfo(f32).tiny)
     log_lam = torch.log(scale.clamp(min=LAMBDA_FLOOR))
     for _ in range(LAMBDA_NEWTON_STEPS):
         lam = torch.exp(log_lam).unsqueeze(-1)
-        _, t = _piece_minima(p, g, lo, hi, c, lam)
+        _, t = _piece_minima(p32, g32, lo, hi, c, lam)
         dist2 = (t - c) ** 2
         interior = (t > lo) & (t < hi) & (t != 0)
         phi = dist2.sum(-1) - r2
         dphi = -2.0 * (dist2 * interior).sum(-1)
-        step = torch.where(dphi < 0, -phi / dphi.clamp(max=-torch.finfo(p.dtype).tiny),
+        step = torch.where(dphi < 0, -phi / dphi.clamp(max=-torch.finfo(f32).tiny),
                            torch.where(phi > 0, torch.full_like(phi, LAMBDA_MAX_LOG_STEP),
                                        torch.full_like(phi, -LAMBDA_MAX_LOG_STEP)))
         log_lam = log_lam + step.clamp(-LAMBDA_MAX_LOG_STEP, LAMBDA_MAX_LOG_STEP)
-    lam = torch.exp(log_lam)
+    lam = torch.exp(log_lam).to(p.dtype)
     h_lam = coupled_offset(bounds, p, g, lam)
     h_zero = coupled_offset(bounds, p, g, torch.zeros_like(lam))
     return torch.where(h_lam > h_zero, lam, torch.zeros_like(lam))
