@@ -9,7 +9,8 @@ For ReLU layer `k` with pre-activation `z_k`, centre `c_k = z_k(x0)` (exact forw
     (CROWN's slopes and the coupled offset), for the first `options.crown_layers` layers and
     only for neurons whose Lipschitz interval contains 0 (for some input of the batch);
 - ball radius `r_k >= ||z_k(x) - c_k||`: the smaller of `||T_k||_2 R_{k-1}` and the radius of
-  the box around the centre, `||max(u_k - c_k, c_k - l_k)||`;
+  the box around the centre, `||max(u_k - c_k, c_k - l_k)||`; for Dense blocks, the row and
+  operator norms are those of `W` without the columns of neurons dead on the whole ball;
 - post-activation radius `R_k = min(r_k, ||D_k||)` with `D_ki` the largest change of
   `relu(z_ki)` from `relu(c_ki)` over `[l_ki, u_ki]` (ReLU is 1-Lipschitz coordinatewise,
   so `||relu(z) - relu(c)|| <= ||z - c||`, and `|relu(z_i) - relu(c_i)| <= D_i`).
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from lipverify.bounds.chain import Chain
-from lipverify.bounds.operator import BlockNorms
-from lipverify.bounds.propagation import propagate
+from lipverify.bounds.operator import NORM_REL_SLACK, BlockNorms
+from lipverify.network.layers import Dense
+from lipverify.bounds.propagation import post_activation_radius, propagate
 from lipverify.bounds.relaxation import ReluBounds
 
 # Relative widening of every intermediate interval (float64 rounding allowance).
@@ -79,11 +81,32 @@ def _propagated_interval(chain: Chain, k: int, x0: torch.Tensor, rho: torch.Tens
     return torch.cat(lows, 1), torch.cat(ups, 1)
 
 
-def _post_radius(bounds: ReluBounds) -> torch.Tensor:
-    """`R >= ||relu(z) - relu(c)||` over the box and ball."""
-    c = bounds.centre.clamp(min=0)
-    change = torch.maximum(bounds.upper.clamp(min=0) - c, c - bounds.lower.clamp(min=0))
-    return torch.minimum(bounds.radius, torch.linalg.vector_norm(change.clamp(min=0), dim=1))
+def _masked_norms(chain: Chain, norms: BlockNorms, k: int,
+                  prev: ReluBounds | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row norms `(B or 1, n_k)` and operator norms `(B or 1,)` of block `k`'s linear part.
+
+    For a block whose only weighted layer is Dense, the columns of neurons of the previous
+    ReLU layer that are dead on the whole ball (`u <= 0`) are dropped per input: those
+    coordinates of `a_{k-1}(x) - a_{k-1}(x0)` are 0, so `z_k(x) - c_k = W P (a - a0)` with `P`
+    the mask, and the norms of `W P` bound the change. Operator norms come from the largest
+    eigenvalue of `W P W^T` (exact up to rounding, inflated by `NORM_REL_SLACK`).
+    """
+    block = chain.blocks[k]
+    rows = norms.row_norms[k].unsqueeze(0)
+    ops = torch.tensor([norms.op_norms[k]], dtype=torch.float64)
+    affine = block.affine_layers()
+    if prev is None or len(affine) != 1 or not isinstance(affine[0], Dense):
+        return rows, ops
+    weight = affine[0].weight.to(prev.upper)
+    if weight.shape[1] != prev.upper.shape[1]:
+        return rows, ops
+    masked = weight.unsqueeze(0) * (prev.upper > 0).to(weight).unsqueeze(1)
+    m_rows = torch.linalg.vector_norm(masked, dim=2) * (1 + NORM_REL_SLACK)
+    small = masked if masked.shape[1] <= masked.shape[2] else masked.transpose(1, 2)
+    gram = small @ small.transpose(1, 2)
+    top = torch.linalg.eigvalsh(gram)[:, -1].clamp(min=0)
+    m_ops = torch.sqrt(top) * (1 + NORM_REL_SLACK)
+    return torch.minimum(m_rows, rows.to(m_rows)), torch.minimum(m_ops, ops.to(m_ops))
 
 
 @torch.no_grad()
@@ -96,7 +119,8 @@ def intermediate_bounds(chain: Chain, norms: BlockNorms, x0: torch.Tensor, rho: 
     post = rho
     for k in range(chain.num_relus):
         c = centres[k]
-        half = norms.row_norms[k].to(c).unsqueeze(0) * post.unsqueeze(1)
+        rows_k, op_k = _masked_norms(chain, norms, k, relus[-1] if relus else None)
+        half = rows_k.to(c) * post.unsqueeze(1)
         half = half * (1 + INTERMEDIATE_SLACK) + INTERMEDIATE_SLACK * (1 + c.abs())
         lower, upper = c - half, c + half
         use_prop = k > 0 and (options.crown_layers is None or k <= options.crown_layers)
@@ -111,8 +135,8 @@ def intermediate_bounds(chain: Chain, norms: BlockNorms, x0: torch.Tensor, rho: 
                 lower[:, neurons] = torch.maximum(lower[:, neurons], p_lo)
                 upper[:, neurons] = torch.minimum(upper[:, neurons], p_up)
         box = torch.linalg.vector_norm(torch.maximum(upper - c, c - lower).clamp(min=0), dim=1)
-        radius = torch.minimum(norms.op_norms[k] * post, box) * (1 + INTERMEDIATE_SLACK)
+        radius = torch.minimum(op_k.to(c) * post, box) * (1 + INTERMEDIATE_SLACK)
         bounds = ReluBounds(lower, upper, c, radius)
         relus.append(bounds)
-        post = _post_radius(bounds)
+        post = post_activation_radius(bounds)
     return relus

@@ -11,6 +11,11 @@ for the current variable `v`:
    centre lies in the box (were it outside by rounding, 0 would still be a lower bound);
 3. input: `L . x >= L . x0 - rho ||L||_2` (Cauchy-Schwarz, attained on the ball).
 
+Optionally the bound is also closed at every ReLU output `a_k`, before relaxing it:
+`L . a_k(x) >= L . a_k(x0) - ||L restricted to live neurons|| R_k` with `R_k` a bound on
+`||a_k(x) - a_k(x0)||` (a local Lipschitz argument); the result is the best of all closings,
+each a valid lower bound.
+
 Every step is an inequality valid for every `x` in the ball, for every slope in `[0, 1]` and
 every `lam >= 0`, so the result is a lower bound whatever the optimiser did. Arithmetic is in
 float64; `Propagated.magnitude` sums the absolute values of the terms added, from which the
@@ -46,7 +51,7 @@ Slopes = tuple[torch.Tensor, torch.Tensor]
 
 def propagate(chain: Chain, end: int, rows: torch.Tensor, x0: torch.Tensor, rho: torch.Tensor,
               relus: Sequence[ReluBounds], alphas: Sequence[Slopes] | None = None,
-              couple: bool = True) -> Propagated:
+              couple: bool = True, close_early: bool = True) -> Propagated:
     """Lower bound of `rows . z_end(x)` over the ball, `z_end` the output of block `end`.
 
     Args:
@@ -59,9 +64,12 @@ def propagate(chain: Chain, end: int, rows: torch.Tensor, x0: torch.Tensor, rho:
         alphas: per ReLU layer a pair `(B, S, n_k)` of slopes used where the coefficient is
             `>= 0` and `< 0`, or None for CROWN's slopes.
         couple: False gives plain CROWN under L2 (no coupling term, `lam = 0`).
+        close_early: also close the bound at each ReLU output by Cauchy-Schwarz around the
+            centre (`p . a >= p . a(x0) - ||p|| R`) and keep the best closing.
     """
     batch, specs = rows.shape[:2]
     lam_a = rows.reshape(batch * specs, -1)
+    best: torch.Tensor | None = None
     beta = torch.zeros(batch, specs, dtype=rows.dtype, device=rows.device)
     magnitude = torch.zeros_like(beta)
     for k in range(end, -1, -1):
@@ -74,6 +82,10 @@ def propagate(chain: Chain, end: int, rows: torch.Tensor, x0: torch.Tensor, rho:
             break
         relu = relus[k - 1]
         p = lam_a.reshape(batch, specs, -1)
+        if close_early:
+            # Lipschitz closing at a_{k-1}: p . a >= p . a(x0) - ||p on live neurons|| R_{k-1}.
+            early = beta + _lipschitz_closing(relu, p)
+            best = early if best is None else torch.maximum(best, early)
         lo_alpha, up_alpha = alphas[k - 1] if alphas is not None else (None, None)
         g = p * relu_slopes(relu, p, lo_alpha, up_alpha)
         # Stable neurons add exactly 0 to the offset (slope 1 or 0, centre inside the box),
@@ -94,4 +106,28 @@ def propagate(chain: Chain, end: int, rows: torch.Tensor, x0: torch.Tensor, rho:
     spread = rho.unsqueeze(1) * torch.linalg.vector_norm(coeff, dim=-1)
     bound = beta + centre - spread
     magnitude = magnitude + centre.abs() + spread
+    if best is not None:
+        bound = torch.maximum(bound, best)
     return Propagated(bound, magnitude)
+
+
+def post_activation_radius(relu: ReluBounds) -> torch.Tensor:
+    """`R >= ||relu(z(x)) - relu(c)||` over the ball `(B,)`: the smaller of `r` and `||D||`.
+
+    ReLU is 1-Lipschitz per coordinate, so the change is at most `||z - c|| <= r`, and per
+    coordinate at most `D_i = max(relu(u_i) - relu(c_i), relu(c_i) - relu(l_i))`.
+    """
+    c = relu.centre.clamp(min=0)
+    change = torch.maximum(relu.upper.clamp(min=0) - c, c - relu.lower.clamp(min=0))
+    return torch.minimum(relu.radius, torch.linalg.vector_norm(change.clamp(min=0), dim=1))
+
+
+def _lipschitz_closing(relu: ReluBounds, p: torch.Tensor) -> torch.Tensor:
+    """`min p . relu(z)` over the ball, bounded by Cauchy-Schwarz around the centre `(B, S)`.
+
+    Coordinates dead on the whole ball (`u <= 0`) never change, so they leave the norm.
+    """
+    live = (relu.upper > 0).to(p).unsqueeze(1)
+    centre = torch.einsum("bsn,bn->bs", p, relu.centre.clamp(min=0))
+    spread = torch.linalg.vector_norm(p * live, dim=-1) * post_activation_radius(relu).unsqueeze(1)
+    return centre - spread
