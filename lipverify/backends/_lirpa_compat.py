@@ -11,19 +11,23 @@ gaps stop it on current versions; each patch below restores exactly the old beha
 - `nn.Module._named_members` gained a `remove_duplicate` argument that `BoundedModule`'s override
   does not accept (hit by `named_parameters()` on some convnets).
 
+Importing auto_LiRPA also has process-wide side effects that `load_auto_lirpa` undoes: it adds a
+stdout handler to the root logger and resets the warning filters.
+
 Patches are applied only when needed and at most once (each checks before it changes anything).
 Only this module and `lipverify.backends.lirpa` touch auto_LiRPA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
 import sys
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from lipverify.errors import BackendUnavailable
@@ -31,6 +35,7 @@ from lipverify.errors import BackendUnavailable
 log = logging.getLogger(__name__)
 
 MODULE = "auto_LiRPA"
+LIRPA_LOGGER = "auto_LiRPA.utils"
 # The opset auto_LiRPA 0.3 traces with.
 LIRPA_OPSET = 12
 _GLOBALS_MODULES = ("torch.onnx._internal.torchscript_exporter._globals", "torch.onnx._globals")
@@ -123,8 +128,15 @@ def load_auto_lirpa() -> types.ModuleType:
                 applied.append(name)
         # auto_LiRPA's import resets the process's warning filters and its `torch.jit.script`
         # decorators warn; record both inside the block (restored on exit) and log them.
+        # Its utils also call `logging.basicConfig(stream=sys.stdout)`: undo that on the root.
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
         with warnings.catch_warnings(record=True) as caught:
-            lirpa = importlib.import_module(MODULE)
+            try:
+                lirpa = importlib.import_module(MODULE)
+            finally:
+                root.handlers[:] = handlers
+                root.setLevel(level)
         for warning in caught:
             log.debug("while importing auto_LiRPA: %s", warning.message)
         if _patch_named_members(lirpa):
@@ -146,3 +158,16 @@ def lirpa_availability() -> str | None:
     except BackendUnavailable as exc:
         return str(exc)
     return None
+
+
+@contextlib.contextmanager
+def quiet_lirpa() -> Iterator[None]:
+    """Silence auto_LiRPA's own logger (it logs errors for every operation it cannot bound
+    while lipverify is only probing whether it can)."""
+    logger = logging.getLogger(LIRPA_LOGGER)
+    before = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = before

@@ -52,8 +52,9 @@ class Spec:
         if n and all(lab is not None for lab in labels) and all(
                 len(p.terms) == num_outputs - 1 for p in properties):
             lab = np.asarray(labels)
-            others = np.array([[j for j in range(num_outputs) if j != t] for t in lab],
-                              dtype=np.int64).reshape(n, num_outputs - 1)
+            table = np.array([[j for j in range(num_outputs) if j != t]
+                              for t in range(num_outputs)], dtype=np.int64)
+            others = table[lab].reshape(n, num_outputs - 1)
             c = np.zeros((n, num_outputs - 1, num_outputs))
             c[np.arange(n)[:, None], np.arange(num_outputs - 1)[None, :], lab[:, None]] = 1.0
             np.put_along_axis(c, others[:, :, None], -1.0, axis=2)
@@ -109,7 +110,9 @@ class Region:
     """Per-input perturbation regions: balls with per-input radii, or boxes.
 
     `centres` has the batch's shape; for balls `eps` has shape `(B,)`; for boxes `lower` and
-    `upper` have the batch's shape and `eps` holds each box's largest half-width.
+    `upper` have the batch's shape and `eps` holds each box's largest half-width. `per_input`
+    marks radii set one per input (a radius search): bound them the same way whatever the batch,
+    even when they happen to be equal.
     """
 
     centres: np.ndarray
@@ -117,6 +120,7 @@ class Region:
     eps: np.ndarray
     lower: np.ndarray | None = None
     upper: np.ndarray | None = None
+    per_input: bool = False
 
     @classmethod
     def of(cls, perturbation: Perturbation, inputs: np.ndarray) -> Region:
@@ -144,18 +148,19 @@ class Region:
         if self.is_box:
             return Region(self.centres[index], self.norm, self.eps[index], self.lower[index],
                           self.upper[index])
-        return Region(self.centres[index], self.norm, self.eps[index])
+        return Region(self.centres[index], self.norm, self.eps[index], per_input=self.per_input)
 
     def with_eps(self, eps: np.ndarray) -> Region:
         """Balls of radii `eps` (one per input) around the same centres."""
         if self.is_box:
             raise InputError("a box has no radius to change")
-        return Region(self.centres, self.norm, np.asarray(eps, dtype=np.float64))
+        return Region(self.centres, self.norm, np.asarray(eps, dtype=np.float64), per_input=True)
 
     @property
     def uniform(self) -> bool:
-        """True when every ball has the same radius."""
-        return not self.is_box and (len(self.eps) == 0 or bool(np.all(self.eps == self.eps[0])))
+        """True for balls of one radius not set per input."""
+        return not self.is_box and not self.per_input and (
+            len(self.eps) == 0 or bool(np.all(self.eps == self.eps[0])))
 
 
 def bisect_radius(margins_at: Callable[[np.ndarray, np.ndarray], np.ndarray], first: np.ndarray,

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import enum
 import functools
+import itertools
 import logging
 import math
 import time
@@ -24,7 +25,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from lipverify.backends._lirpa_compat import MODULE, lirpa_availability, load_auto_lirpa
+from lipverify.backends._lirpa_compat import (
+    MODULE,
+    lirpa_availability,
+    load_auto_lirpa,
+    quiet_lirpa,
+)
 from lipverify.backends._margin_search import (
     Outcomes,
     Region,
@@ -49,6 +55,8 @@ BYTES_PER_ENTRY = 4 * 8
 ALPHA_MEMORY_FACTOR = 4
 # A rebuilt module must reproduce the network's outputs to this relative accuracy.
 REBUILD_REL_TOL = 1e-4
+# Radius of the trial bounds that check a bounded module works.
+TRIAL_EPS = 1e-3
 
 
 class Method(enum.Enum):
@@ -70,6 +78,9 @@ class LirpaOptions(BackendOptions):
         radius_rel_tol: Relative width of the bracket the certified-radius search stops at.
         alpha_iterations: Optimisation steps of alpha-CROWN.
         alpha_lr: Learning rate of the alpha optimisation.
+        sparse_intermediate: auto_LiRPA's sparse intermediate bounds (CROWN only on neurons
+            interval arithmetic finds unstable somewhere in the batch): faster on convnets, but
+            an input's bound then depends on the rest of its batch.
     """
 
     method: Method | None = None
@@ -78,6 +89,7 @@ class LirpaOptions(BackendOptions):
     radius_rel_tol: float = 0.01
     alpha_iterations: int = 20
     alpha_lr: float = 0.5
+    sparse_intermediate: bool = False
 
 
 def default_device() -> torch.device:
@@ -142,11 +154,10 @@ class LirpaAdapter:
         self.network = network
         self.device = default_device()
         self.bounded, self.source = self._build(network, use_layers)
-        nodes = list(self.bounded._modules.values())
-        act_types = (ext.lirpa.bound_ops.BoundRelu, ext.lirpa.bound_ops.BoundLeakyRelu,
-                     ext.lirpa.bound_ops.BoundTanh)
-        self.activations = [n for n in nodes if isinstance(n, act_types)]
-        self._entries = self._widest_entries(nodes)
+        ops = ext.lirpa.bound_ops
+        act_types = (ops.BoundRelu, ops.BoundLeakyRelu, ops.BoundTanh)  # sigmoid is a tanh
+        self.activations = [n for n in self.bounded._modules.values() if isinstance(n, act_types)]
+        self._entries = self._widest_entries()
 
     def _build(self, network: Network, use_layers: bool) -> tuple[Any, str]:
         reasons = []
@@ -164,29 +175,51 @@ class LirpaAdapter:
         matrix = network.layers is not None and conv_after_reshape(network.layers)
         # Sparse alphas crash 0.3 on convnets; per-position conv alphas cost 4x for nothing.
         opts = {"conv_mode": "matrix" if matrix else "patches", "sparse_features_alpha": False,
-                "sparse_spec_alpha": False, "use_full_conv_alpha": False}
+                "sparse_spec_alpha": False, "use_full_conv_alpha": False,
+                "sparse_intermediate_bounds": self.options.sparse_intermediate,
+                "sparse_conv_intermediate_bounds": self.options.sparse_intermediate}
         for source, make in candidates:
             try:
-                module = make().float().eval().to(self.device)
-                dummy = torch.zeros((1, *network.input_shape), device=self.device)
-                bounded = self._ext.Bounded(module, dummy, bound_opts=dict(opts),
-                                            device=self.device)
-                self._check_forward(bounded, network)
-                return bounded, source
+                with quiet_lirpa():
+                    module = make().float().eval().to(self.device)
+                    dummy = torch.zeros((1, *network.input_shape), device=self.device)
+                    self.bounded = self._ext.Bounded(module, dummy, bound_opts=dict(opts),
+                                                     device=self.device)
+                    self._check_forward(network)
+                    self._trial(network)
+                return self.bounded, source
             except Exception as exc:  # noqa: BLE001 - every failure is a reason to report
                 reasons.append(f"{source}: {type(exc).__name__}: {exc}".splitlines()[0])
         raise ModelError("auto_LiRPA cannot bound this network: " + "; ".join(reasons))
 
-    def _check_forward(self, bounded: Any, network: Network) -> None:
+    def _trial(self, network: Network) -> None:
+        """Bounds on two probe inputs under each norm, one and per-input radii, by CROWN (and
+        alpha-CROWN when asked for): some operations build fine and fail only when bounded."""
+        probe = np.random.default_rng(0).random((2, *network.input_shape))
+        c = np.eye(network.num_outputs)[None, :1].repeat(2, axis=0)
+        methods = {Method.CROWN, self.options.method or Method.CROWN}
+        for norm, method in itertools.product((Norm.LINF, Norm.L2), sorted(methods, key=str)):
+            ball = Region(probe, norm, np.full(2, TRIAL_EPS))
+            for region in (ball, ball.with_eps(np.array([TRIAL_EPS, 2 * TRIAL_EPS]))):
+                self._configure(method, region)
+                if method == Method.ALPHA_CROWN:
+                    self.bounded.set_bound_opts({"optimize_bound_args": {"iteration": 2}})
+                x = self._bounded_tensor(region)
+                cm = torch.as_tensor(c, dtype=torch.float32, device=self.device)
+                lower, _ = self._bounds(x, method, C=cm, bound_upper=False)
+                if not torch.all(torch.isfinite(lower)):
+                    raise ModelError(f"non-finite {method.value} bounds on a probe input")
+
+    def _check_forward(self, network: Network) -> None:
         probe = torch.rand((4, *network.input_shape), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            got = bounded(probe.to(self.device)).reshape(4, -1).double().cpu().numpy()
+            got = self.bounded(probe.to(self.device)).reshape(4, -1).double().cpu().numpy()
         want = network.forward(probe.numpy())
         scale = 1.0 + np.abs(want).max()
         if got.shape != want.shape or np.abs(got - want).max() > REBUILD_REL_TOL * scale:
             raise ModelError("the bounded module does not reproduce the network's outputs")
 
-    def _widest_entries(self, nodes: list[Any]) -> int:
+    def _widest_entries(self) -> int:
         sizes = [math.prod(self.network.input_shape)]
         total = 0
         for node in self.activations:
@@ -235,6 +268,11 @@ class LirpaAdapter:
             self.bounded.set_bound_opts({"optimize_bound_args": {
                 "iteration": self.options.alpha_iterations, "lr_alpha": self.options.alpha_lr}})
 
+    def _bounds(self, x: Any, method: Method, **kwargs: Any) -> Any:
+        grad = torch.enable_grad() if method == Method.ALPHA_CROWN else torch.no_grad()
+        with grad:
+            return self.bounded.compute_bounds(x=(x,), method=method.value, **kwargs)
+
     def row_bounds(self, region: Region, c: np.ndarray, method: Method) -> np.ndarray:
         """Lower bounds of `C y` over each input's region (shape `(B, rows)`, float64)."""
         if c.shape[1] == 0:
@@ -244,10 +282,7 @@ class LirpaAdapter:
         def run(index: np.ndarray) -> np.ndarray:
             x = self._bounded_tensor(region.subset(index))
             cm = torch.as_tensor(c[index], dtype=torch.float32, device=self.device)
-            grad = torch.enable_grad() if method == Method.ALPHA_CROWN else torch.no_grad()
-            with grad:
-                lower, _ = self.bounded.compute_bounds(x=(x,), C=cm, method=method.value,
-                                                       bound_upper=False)
+            lower, _ = self._bounds(x, method, C=cm, bound_upper=False)
             return lower.detach().double().cpu().numpy()
 
         return run_in_chunks(run, len(region), self.chunk_size(method), self.device)
@@ -259,14 +294,13 @@ class LirpaAdapter:
         """
         if not self.activations:
             return []
-        last = self.activations[-1].inputs[0].name
         self._configure(Method.CROWN, region)
 
         def run(index: np.ndarray) -> np.ndarray:
+            # Bounding the whole output fills every pre-activation on the way (stopping at the
+            # last pre-activation fails when that is a convolution in patches mode).
             x = self._bounded_tensor(region.subset(index))
-            with torch.no_grad():
-                self.bounded.compute_bounds(x=(x,), method=Method.CROWN.value,
-                                            final_node_name=last)
+            self._bounds(x, Method.CROWN, bound_upper=False)
             flat = [torch.cat([a.inputs[0].lower.reshape(len(index), -1),
                                a.inputs[0].upper.reshape(len(index), -1)], dim=1)
                     for a in self.activations]

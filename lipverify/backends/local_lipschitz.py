@@ -24,9 +24,13 @@ along the segment (`g` is Lipschitz, hence absolutely continuous on the segment)
   matrix, float64, rounded up) when small, else `min(Frobenius, sqrt(||.||_1 ||.||_inf))`.
   Under L-infinity the L2 bound also serves, through `||J||_1 <= sqrt(n) ||J||_2`; for boxes
   through `|J d| <= ||J||_2 ||h||_2`.
+- the global bound of `lipverify.norms` (products of layer norms, valid on every ball) caps both,
+  so `local` never certifies less than a global Lipschitz constant would.
 
 Radius `r` is certified when `g(x0) - r L(r) > 0` for every term (some row), with `L(r)` from the
 ball of radius `r`; the radius search bisects on `r` with the masks recomputed at each probe.
+Since `L(r)` holds on every smaller ball, each probe also certifies `min(r, g(x0) / L(r))`, and
+the largest such radius is kept.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from lipverify.errors import BackendUnavailable, LipverifyError, ModelError
 from lipverify.margins import LIPSCHITZ_REL_SLACK
 from lipverify.network.layers import Activation, Conv, Dense, Reshape, Residual, Shift
 from lipverify.network.network import Network
+from lipverify.norms import LayerBound, layer_bound, network_bounds
 from lipverify.types import Certificate, Norm, Problem, Scope
 
 log = logging.getLogger(__name__)
@@ -81,6 +86,22 @@ class LocalOptions(BackendOptions):
     radius_rel_tol: float = 0.01
     dense_norm_limit: int = DENSE_NORM_LIMIT
     lipsdp_rows: int = 0
+
+
+def _reach(spec: Spec, values: np.ndarray, lower: np.ndarray, slack: np.ndarray,
+           radii: np.ndarray) -> np.ndarray:
+    """Radius certified by one probe: `min(r, (g(x0) - slack) / L_g(r))`, rounded down.
+
+    `L_g(r) = (g(x0) - lower) / r` bounds the Lipschitz constant of row `g` on the ball of
+    radius `r`, hence on every smaller ball: a probe that fails at `r` still certifies the
+    radius where each term's best row reaches zero.
+    """
+    room = values - slack[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lip = (values - lower) / radii[:, None]
+        rows = np.where(room > 0, np.minimum(radii[:, None], np.where(
+            lip > 0, np.nextafter(room / lip, 0), np.inf)), 0.0)
+    return np.minimum(np.nextafter(spec.combine(rows), 0), radii)
 
 
 def _check_layers(network: Network) -> str | None:
@@ -129,6 +150,7 @@ class LocalLipschitzBackend(BackendBase):
     def __init__(self, options: LocalOptions | None = None) -> None:
         super().__init__(options)
         self._cache: dict[str, tuple[LirpaAdapter, LocalJacobian] | str] = {}
+        self._layer_bounds: dict[str, tuple[LayerBound, ...] | None] = {}
 
     def availability(self) -> str | None:
         """None when auto_LiRPA loads here, else why not."""
@@ -216,15 +238,36 @@ class LocalLipschitzBackend(BackendBase):
         rows_t = torch.as_tensor(rows, dtype=torch.float64)
         mag = jac.interval_magnitude(slopes, rows_t)
         l2 = torch.minimum(mag.norm(dim=2), jac.norm_product(slopes, rows_t))
+        whole = self.global_rows(network, region.norm, rows)  # valid everywhere
         if region.is_box:  # |J d| <= sum_i |J_i| h_i and <= ||J||_2 ||h||_2
             half = torch.as_tensor((region.upper - region.lower) / 2).reshape(len(region), 1, -1)
-            dev = torch.minimum((mag * half).sum(dim=2), l2 * half.norm(dim=2))
-            return dev.numpy() * (1 + LIPSCHITZ_REL_SLACK)
+            dev = torch.minimum((mag * half).sum(dim=2), l2 * half.norm(dim=2)).numpy()
+            return np.minimum(dev, whole * region.eps[:, None]) * (1 + LIPSCHITZ_REL_SLACK)
         if region.norm == Norm.LINF:  # ||J||_1 <= sqrt(n) ||J||_2
             lip = torch.minimum(mag.sum(dim=2), l2 * math.sqrt(mag.shape[2]))
         else:
             lip = l2
-        return lip.numpy() * region.eps[:, None] * (1 + LIPSCHITZ_REL_SLACK)
+        lip = np.minimum(lip.numpy(), whole)
+        return lip * region.eps[:, None] * (1 + LIPSCHITZ_REL_SLACK)
+
+    def global_rows(self, network: Network, norm: Norm, rows: np.ndarray) -> np.ndarray:
+        """Global Lipschitz bounds of each row (products of layer norms, `lipverify.norms`)."""
+        key = network.fingerprint
+        if key not in self._layer_bounds:  # the same per-layer bounds serve both norms
+            try:
+                self._layer_bounds[key] = tuple(layer_bound(x) for x in network.layers)
+            except LipverifyError as exc:
+                log.info("no global bound for local: %s", exc)
+                self._layer_bounds[key] = None
+        per_layer = self._layer_bounds[key]
+        bounds = None if per_layer is None else network_bounds(
+            network.layers, network.input_size, network.num_outputs, norm, bounds=per_layer)
+        flat = rows.reshape(-1, rows.shape[-1])
+        if bounds is None or not len(flat):
+            return np.full(rows.shape[:-1], np.inf)
+        distinct, inverse = np.unique(flat, axis=0, return_inverse=True)
+        values = np.array([bounds.row_lipschitz(r) for r in distinct])
+        return values[inverse.reshape(-1)].reshape(rows.shape[:-1])
 
     def local_lipschitz(self, network: Network, region: Region, rows: np.ndarray) -> np.ndarray:
         """Sound local Lipschitz bounds of each row `c.f` on each ball (shape `(B, S)`)."""
@@ -249,8 +292,14 @@ class LocalLipschitzBackend(BackendBase):
             sub = region.subset(index) if region.is_box else region.subset(index).with_eps(radii)
             return values[index] - self.deviations(network, sub, spec.c[index])
 
+        reach = np.zeros(len(problem))  # largest radius any probe certified (see _reach)
+
         def margins_at(index: np.ndarray, radii: np.ndarray) -> np.ndarray:
-            return spec.subset(index).combine(row_lower(index, radii)) - slack[index]
+            lower = row_lower(index, radii)
+            if not region.is_box:
+                got = _reach(spec.subset(index), values[index], lower, slack[index], radii)
+                reach[index] = np.maximum(reach[index], got)
+            return spec.subset(index).combine(lower) - slack[index]
 
         searchable = centre > slack
         n = len(problem)
@@ -261,6 +310,7 @@ class LocalLipschitzBackend(BackendBase):
             first = np.where(searchable, first_radius(eps, n), 0.0)
             radius, at_first = bisect_radius(margins_at, first, self.options.radius_rel_tol,
                                              None, deadline)
+            radius = np.maximum(radius, reach)
             late = deadline is not None and time.monotonic() > deadline
             outcomes = Outcomes(centre, slack, np.where(first == eps, at_first, np.nan), radius,
                                 (radius >= eps) & (radius > 0), late)
@@ -269,6 +319,8 @@ class LocalLipschitzBackend(BackendBase):
             if self.options.lipsdp_rows:
                 rows = self.refine_with_lipsdp(network, region, spec, values, rows, slack)
             margin = spec.combine(rows) - slack
-            outcomes = Outcomes(centre, slack, margin, np.where(margin > 0, eps, 0.0), margin > 0)
+            smaller = 0.0 if region.is_box else _reach(spec, values, rows, slack, region.eps)
+            outcomes = Outcomes(centre, slack, margin, np.where(margin > 0, eps, smaller),
+                                margin > 0)
         seconds = (time.perf_counter() - start) / max(n, 1)
         return outcomes.certificates(self.name, region.centres, seconds)

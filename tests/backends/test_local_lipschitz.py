@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from lipverify.backends._local_jacobian import LocalJacobian, slope_interval
 from lipverify.backends._margin_search import Region, Spec
 from lipverify.backends.lirpa import LirpaBackend
-from lipverify.backends._local_jacobian import LocalJacobian, slope_interval
 from lipverify.backends.local_lipschitz import LocalLipschitzBackend, LocalOptions
 from lipverify.data import load_data
 from lipverify.models import INPUT_SHAPE, load_shipped
@@ -229,10 +229,11 @@ def test_box_bound_matches_the_ball_of_its_half_widths(networks, data):
     x, y = data
     network = networks["digits_cnn"]
     eps = 0.02
-    ball = LocalLipschitzBackend().certify(network, Problem.robustness(
-        x, y, 10, Perturbation.ball(Norm.LINF, eps)))
-    box = LocalLipschitzBackend().certify(network, Problem.robustness(
-        x, y, 10, Perturbation.box(x - eps, x + eps)))
+    backend = LocalLipschitzBackend()
+    ball = backend.certify(network, Problem.robustness(x, y, 10,
+                                                       Perturbation.ball(Norm.LINF, eps)))
+    box = backend.certify(network, Problem.robustness(x, y, 10,
+                                                      Perturbation.box(x - eps, x + eps)))
     for a, b in zip(ball, box, strict=True):
         assert a.status == b.status
         # the box corners are rounded to float32: equal up to that rounding
@@ -265,3 +266,18 @@ def test_masked_lipsdp_refinement_only_tightens_and_stays_sound(networks, data):
     assert np.all(found[verified] > 0)
     for cert, low in zip(refined, found, strict=True):
         assert cert.margin_lower <= low + 1e-6
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn"])
+@pytest.mark.parametrize("norm", [Norm.LINF, Norm.L2])
+def test_never_below_the_global_spectral_radius(networks, data, name, norm):
+    from lipverify.backends.spectral import SpectralBackend
+
+    x, y = data
+    x, y = x[:12], y[:12]
+    problem = Problem.robustness(x, y, 10, Perturbation.ball(norm, EPS[norm]), want_radius=True)
+    local = LocalLipschitzBackend().certify(networks[name], problem)
+    spectral = SpectralBackend().certify(networks[name], problem)
+    for a, b in zip(local, spectral, strict=True):
+        if b.status != Status.FALSIFIED and a.status != Status.FALSIFIED:
+            assert a.radius >= b.radius * (1 - 1e-6), (a.radius, b.radius)
