@@ -81,16 +81,18 @@ def test_bounded_module_lists_parameters_and_bounds():
     assert torch.all(lower <= y + 1e-6) and torch.all(y <= upper + 1e-6)
 
 
-def test_import_leaves_warning_filters_alone():
-    code = ("import warnings, torch\n"
+def test_import_leaves_warning_filters_and_root_logger_alone():
+    code = ("import logging, warnings, torch\n"
             "before = list(warnings.filters)\n"
+            "handlers = list(logging.getLogger().handlers)\n"
             "with warnings.catch_warnings(record=True) as seen:\n"
             "    warnings.simplefilter('always')\n"
             "    from lipverify.backends._lirpa_compat import load_auto_lirpa\n"
             "    load_auto_lirpa()\n"
             "assert not [w for w in seen if 'jit.script' in str(w.message)], seen\n"
             "load_auto_lirpa()\n"
-            "assert list(warnings.filters) == before\n")
+            "assert list(warnings.filters) == before\n"
+            "assert logging.getLogger().handlers == handlers\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
