@@ -43,7 +43,7 @@ from lipverify.types import Certificate, Norm, Problem, Scope, Status
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH = 8
+DEFAULT_BATCH = 16
 DEFAULT_RADIUS_STEPS = 8
 # How far above eps the radius search looks (factor of eps), when the input verifies at eps.
 RADIUS_GROWTH = 2.0
@@ -63,6 +63,7 @@ class L2PropOptions(BackendOptions):
             propagation as well as Lipschitz intervals; None for all.
         propagation_budget: Per-layer cost cap (rows x earlier unstable neurons) above which
             intermediate bounds use the Lipschitz interval only; None for no cap.
+        intermediate_iterations: Slope optimisation steps for propagated intermediate bounds.
         row_chunk: Objective rows per backward pass of intermediate bounds (memory).
         radius_steps: Bisection steps of the certified-radius search.
         device: Torch device; None picks CUDA when available, else CPU.
@@ -74,6 +75,7 @@ class L2PropOptions(BackendOptions):
     batch_size: int = DEFAULT_BATCH
     crown_layers: int | None = None
     propagation_budget: int | None = DEFAULT_PROPAGATION_BUDGET
+    intermediate_iterations: int = 0
     row_chunk: int = DEFAULT_ROW_CHUNK
     radius_steps: int = DEFAULT_RADIUS_STEPS
     device: str | None = None
@@ -139,7 +141,8 @@ class L2PropBackend(BackendBase):
         prep = self._prepare(network)
         opts = self.options
         inter = IntermediateOptions(crown_layers=opts.crown_layers,
-                                    budget=opts.propagation_budget, row_chunk=opts.row_chunk)
+                                    budget=opts.propagation_budget, row_chunk=opts.row_chunk,
+                                    iterations=opts.intermediate_iterations)
         out = np.empty(len(problem))
         device = self._device()
         torch.manual_seed(opts.seed)

@@ -29,6 +29,7 @@ import torch
 from lipverify.bounds.chain import Chain
 from lipverify.bounds.operator import NORM_REL_SLACK, BlockNorms
 from lipverify.network.layers import Dense
+from lipverify.bounds.optimise import SlopeOptions, optimised_bound
 from lipverify.bounds.propagation import post_activation_radius, propagate
 from lipverify.bounds.relaxation import ReluBounds
 
@@ -49,19 +50,22 @@ class IntermediateOptions:
     `crown_layers`: ReLU layers (after the first, whose interval is exact) whose bounds may use
     backward propagation besides the Lipschitz interval (None: all). `budget`: a layer is
     propagated only when `2 * candidate neurons * earlier unstable neurons` is at most this
-    (None: always). `couple`: use the coupling term in those passes. `row_chunk`: rows per
-    backward pass (memory).
+    (None: always). `couple`: use the coupling term in those passes. `iterations`: slope
+    optimisation steps for those rows (0: CROWN's slopes). `row_chunk`: rows per backward pass
+    (memory).
     """
 
     crown_layers: int | None = None
     budget: int | None = DEFAULT_PROPAGATION_BUDGET
     couple: bool = True
+    iterations: int = 0
     row_chunk: int = DEFAULT_ROW_CHUNK
 
 
 def _propagated_interval(chain: Chain, k: int, x0: torch.Tensor, rho: torch.Tensor,
                          relus: list[ReluBounds], couple: bool, chunk: int,
-                         neurons: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                         neurons: torch.Tensor,
+                         iterations: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower and upper bounds `(B, m)` of `z_k[neurons]` by backward propagation."""
     batch = x0.shape[0]
     n = chain.blocks[k].out_size
@@ -74,7 +78,12 @@ def _propagated_interval(chain: Chain, k: int, x0: torch.Tensor, rho: torch.Tens
         idx = torch.arange(m, device=x0.device)
         rows[:, idx, sel] = 1.0
         rows[:, m + idx, sel] = -1.0
-        res = propagate(chain, k, rows, x0, rho, relus, None, couple)
+        if iterations > 0:
+            with torch.enable_grad():
+                res = optimised_bound(chain, rows, x0, rho, relus,
+                                      SlopeOptions(iterations=iterations, couple=couple), end=k)
+        else:
+            res = propagate(chain, k, rows, x0, rho, relus, None, couple)
         slack = INTERMEDIATE_SLACK * (1.0 + res.magnitude)
         lows.append(res.bound[:, :m] - slack[:, :m])
         ups.append(-(res.bound[:, m:] - slack[:, m:]))
@@ -131,7 +140,8 @@ def intermediate_bounds(chain: Chain, norms: BlockNorms, x0: torch.Tensor, rho: 
             affordable = options.budget is None or 2 * len(neurons) * earlier <= options.budget
             if len(neurons) and affordable:
                 p_lo, p_up = _propagated_interval(chain, k, x0, rho, relus, options.couple,
-                                                  options.row_chunk, neurons)
+                                                  options.row_chunk, neurons,
+                                                  options.iterations)
                 lower[:, neurons] = torch.maximum(lower[:, neurons], p_lo)
                 upper[:, neurons] = torch.minimum(upper[:, neurons], p_up)
         box = torch.linalg.vector_norm(torch.maximum(upper - c, c - lower).clamp(min=0), dim=1)

@@ -39,14 +39,17 @@ class SlopeOptions:
 
 def optimised_bound(chain: Chain, rows: torch.Tensor, x0: torch.Tensor, rho: torch.Tensor,
                     relus: Sequence[ReluBounds], options: SlopeOptions | None = None,
-                    target: torch.Tensor | None = None) -> Propagated:
-    """Lower bounds `(B, S)` of `rows . f(x)` over the ball, slopes optimised.
+                    target: torch.Tensor | None = None, end: int | None = None) -> Propagated:
+    """Lower bounds `(B, S)` of `rows . z_end(x)` over the ball, slopes optimised.
+
+    `end`: the block whose output the rows weigh (default: the logits); `relus` must hold the
+    bounds of the ReLU layers before it.
 
     `target` `(B, S)`: values past which a row needs no more work (e.g. its threshold `d`);
     an input stops driving the loss once all its rows exceed their targets.
     """
     options = options or SlopeOptions()
-    end = chain.num_relus
+    end = chain.num_relus if end is None else end
     batch, specs = rows.shape[:2]
     alphas = [t for r in relus for t in (r.initial_alpha().unsqueeze(1).expand(batch, specs, -1),
                                          r.upper_slope().unsqueeze(1).expand(batch, specs, -1))]
