@@ -15,12 +15,14 @@ Importing auto_LiRPA also has process-wide side effects that `load_auto_lirpa` u
 stdout handler to the root logger and resets the warning filters.
 
 Patches are applied only when needed and at most once (each checks before it changes anything).
-Only this module and `lipverify.backends.lirpa` touch auto_LiRPA.
+`lirpa_extensions` adds two small subclasses that give auto_LiRPA 0.3 balls with one radius per
+input. Only this module and `lipverify.backends.lirpa` touch auto_LiRPA.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import logging
@@ -171,3 +173,46 @@ def quiet_lirpa() -> Iterator[None]:
         yield
     finally:
         logger.disabled = before
+
+
+@functools.cache
+def lirpa_extensions() -> types.SimpleNamespace:
+    """auto_LiRPA subclasses for balls whose radius differs per input (built once, immutable).
+
+    Returns a namespace with `lirpa` (the patched module), `PerInputLpNorm` and `Bounded`.
+    """
+    lirpa = load_auto_lirpa()
+    from auto_LiRPA.bound_ops import BoundConv, BoundInput
+    from auto_LiRPA.patches import Patches
+    from auto_LiRPA.utils import eyeC
+
+    class PerInputLpNorm(lirpa.PerturbationLpNorm):
+        """An Lp ball with one radius per input: `eps` shaped `(B, 1)`.
+
+        auto_LiRPA multiplies `eps` into dual norms shaped `(B, rows)`, which broadcasts; only
+        the identity cases add `eps` to the input itself and need it reshaped.
+        """
+
+        def concretize(self, x: Any, A: Any, sign: int = -1, aux: Any = None,
+                       extra_constr: Any = None) -> Any:
+            if isinstance(A, eyeC):
+                return x.reshape(x.shape[0], -1) + sign * self.eps
+            if isinstance(A, Patches) and A.identity:
+                return x + sign * self.eps.view(-1, *([1] * (x.dim() - 1)))
+            return super().concretize(x, A, sign, aux, extra_constr)
+
+    class Bounded(lirpa.BoundedModule):
+        """`BoundedModule` that bounds a first convolution by CROWN under per-input radii.
+
+        auto_LiRPA's shortcut bounds the first convolution by interval arithmetic with a scalar
+        radius; back-substitution gives the same (or tighter) bound and accepts any radius.
+        """
+
+        def check_IBP_first_linear(self, node: Any) -> bool:  # noqa: N802 - auto_LiRPA's name
+            first = node.inputs[0] if getattr(node, "inputs", None) else None
+            if (isinstance(node, BoundConv) and isinstance(first, BoundInput)
+                    and isinstance(getattr(first, "perturbation", None), PerInputLpNorm)):
+                return False
+            return super().check_IBP_first_linear(node)
+
+    return types.SimpleNamespace(lirpa=lirpa, PerInputLpNorm=PerInputLpNorm, Bounded=Bounded)

@@ -10,16 +10,13 @@ pre-activation bounds. The backends turn those into certificates.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import enum
-import functools
 import itertools
 import logging
 import math
 import time
-import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -28,7 +25,7 @@ import torch
 from lipverify.backends._lirpa_compat import (
     MODULE,
     lirpa_availability,
-    load_auto_lirpa,
+    lirpa_extensions,
     quiet_lirpa,
 )
 from lipverify.backends._margin_search import (
@@ -41,7 +38,7 @@ from lipverify.backends._margin_search import (
     run_in_chunks,
 )
 from lipverify.backends.base import BackendBase, BackendOptions
-from lipverify.errors import BackendUnavailable, LipverifyError, ModelError
+from lipverify.errors import BackendUnavailable, InputError, LipverifyError, ModelError
 from lipverify.network.network import Network
 from lipverify.network.torchify import conv_after_reshape, has_asymmetric_padding, layers_to_module
 from lipverify.types import Certificate, Norm, Problem, Scope
@@ -67,74 +64,42 @@ class Method(enum.Enum):
     ALPHA_CROWN = "alpha-CROWN"
 
 
+def _help(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass(frozen=True)
 class LirpaOptions(BackendOptions):
-    """Options of the auto_LiRPA backends.
+    """Options of the auto_LiRPA backends (`help` metadata documents each for configs)."""
 
-    Attributes:
-        method: Bound method; None means the backend's own (CROWN or alpha-CROWN).
-        batch_size: Most inputs per auto_LiRPA call.
-        memory_budget_gb: Memory one call may use; larger batches are split.
-        radius_rel_tol: Relative width of the bracket the certified-radius search stops at.
-        alpha_iterations: Optimisation steps of alpha-CROWN.
-        alpha_lr: Learning rate of the alpha optimisation.
-        sparse_intermediate: auto_LiRPA's sparse intermediate bounds (CROWN only on neurons
-            interval arithmetic finds unstable somewhere in the batch): faster on convnets, but
-            an input's bound then depends on the rest of its batch.
-    """
+    method: str | None = _help(None, "Bound method: IBP, CROWN or alpha-CROWN (empty: the "
+                                     "backend's own).")
+    batch_size: int = _help(512, "Most inputs per auto_LiRPA call.")
+    memory_budget_gb: float = _help(2.0, "Memory one call may use; larger batches are split.")
+    radius_rel_tol: float = _help(0.01, "Relative width of the bracket a radius search stops at.")
+    alpha_iterations: int = _help(20, "Optimisation steps of alpha-CROWN.")
+    alpha_lr: float = _help(0.5, "Learning rate of the alpha optimisation.")
+    sparse_intermediate: bool = _help(False, "Use auto_LiRPA's sparse intermediate bounds: "
+                                             "faster on convnets, but an input's bound then "
+                                             "depends on the rest of its batch.")
 
-    method: Method | None = None
-    batch_size: int = 512
-    memory_budget_gb: float = 2.0
-    radius_rel_tol: float = 0.01
-    alpha_iterations: int = 20
-    alpha_lr: float = 0.5
-    sparse_intermediate: bool = False
+
+def parse_method(value: str | Method | None, default: Method) -> Method:
+    """The `Method` an option names (`default` when empty)."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, Method):
+        return value
+    for method in Method:
+        if str(value).lower() in (method.value.lower(), method.name.lower()):
+            return method
+    raise InputError(f"unknown bound method {value!r}: use one of "
+                     f"{', '.join(m.value for m in Method)}")
 
 
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@functools.cache
-def _extensions() -> types.SimpleNamespace:
-    """auto_LiRPA subclasses for balls whose radius differs per input (built once, immutable)."""
-    lirpa = load_auto_lirpa()
-    from auto_LiRPA.bound_ops import BoundConv, BoundInput
-    from auto_LiRPA.patches import Patches
-    from auto_LiRPA.utils import eyeC
-
-    class PerInputLpNorm(lirpa.PerturbationLpNorm):
-        """An Lp ball with one radius per input: `eps` shaped `(B, 1)`.
-
-        auto_LiRPA multiplies `eps` into dual norms shaped `(B, rows)`, which broadcasts; only
-        the identity cases add `eps` to the input itself and need it reshaped.
-        """
-
-        def concretize(self, x: Any, A: Any, sign: int = -1, aux: Any = None,
-                       extra_constr: Any = None) -> Any:
-            if isinstance(A, eyeC):
-                return x.reshape(x.shape[0], -1) + sign * self.eps
-            if isinstance(A, Patches) and A.identity:
-                return x + sign * self.eps.view(-1, *([1] * (x.dim() - 1)))
-            return super().concretize(x, A, sign, aux, extra_constr)
-
-    class Bounded(lirpa.BoundedModule):
-        """`BoundedModule` that bounds a first convolution by CROWN under per-input radii.
-
-        auto_LiRPA's shortcut bounds the first convolution by interval arithmetic with a scalar
-        radius; back-substitution gives the same (or tighter) bound and accepts any radius.
-        """
-
-        def check_IBP_first_linear(self, node: Any) -> bool:  # noqa: N802 - auto_LiRPA's name
-            first = node.inputs[0] if getattr(node, "inputs", None) else None
-            if (isinstance(node, BoundConv) and isinstance(first, BoundInput)
-                    and isinstance(getattr(first, "perturbation", None), PerInputLpNorm)):
-                return False
-            return super().check_IBP_first_linear(node)
-
-    return types.SimpleNamespace(lirpa=lirpa, PerInputLpNorm=PerInputLpNorm, Bounded=Bounded)
 
 
 class LirpaAdapter:
@@ -143,21 +108,20 @@ class LirpaAdapter:
     Args:
         network: The network to bound.
         options: Batch size, memory budget and alpha-CROWN settings.
+        method: The method the adapter must handle (its trial bounds use it).
         use_layers: Bound the module rebuilt from the layer view (activations then match the
             layer view one to one); otherwise the original module, rebuilt only if it fails.
     """
 
-    def __init__(self, network: Network, options: LirpaOptions, use_layers: bool = False) -> None:
-        ext = _extensions()
+    def __init__(self, network: Network, options: LirpaOptions, use_layers: bool = False,
+                 method: Method = Method.CROWN) -> None:
+        ext = lirpa_extensions()
+        self.method = method
         self._ext = ext
         self.options = options
         self.network = network
         self.device = default_device()
         self.bounded, self.source = self._build(network, use_layers)
-        ops = ext.lirpa.bound_ops
-        act_types = (ops.BoundRelu, ops.BoundLeakyRelu, ops.BoundTanh)  # sigmoid is a tanh
-        self.activations = [n for n in self.bounded._modules.values() if isinstance(n, act_types)]
-        self._entries = self._widest_entries()
 
     def _build(self, network: Network, use_layers: bool) -> tuple[Any, str]:
         reasons = []
@@ -185,6 +149,11 @@ class LirpaAdapter:
                     dummy = torch.zeros((1, *network.input_shape), device=self.device)
                     self.bounded = self._ext.Bounded(module, dummy, bound_opts=dict(opts),
                                                      device=self.device)
+                    ops = self._ext.lirpa.bound_ops
+                    kinds = (ops.BoundRelu, ops.BoundLeakyRelu, ops.BoundTanh)  # sigmoid: a tanh
+                    self.activations = [n for n in self.bounded._modules.values()
+                                        if isinstance(n, kinds)]
+                    self._entries = self._widest_entries()
                     self._check_forward(network)
                     self._trial(network)
                 return self.bounded, source
@@ -197,18 +166,15 @@ class LirpaAdapter:
         alpha-CROWN when asked for): some operations build fine and fail only when bounded."""
         probe = np.random.default_rng(0).random((2, *network.input_shape))
         c = np.eye(network.num_outputs)[None, :1].repeat(2, axis=0)
-        methods = {Method.CROWN, self.options.method or Method.CROWN}
-        for norm, method in itertools.product((Norm.LINF, Norm.L2), sorted(methods, key=str)):
-            ball = Region(probe, norm, np.full(2, TRIAL_EPS))
-            for region in (ball, ball.with_eps(np.array([TRIAL_EPS, 2 * TRIAL_EPS]))):
-                self._configure(method, region)
-                if method == Method.ALPHA_CROWN:
-                    self.bounded.set_bound_opts({"optimize_bound_args": {"iteration": 2}})
-                x = self._bounded_tensor(region)
-                cm = torch.as_tensor(c, dtype=torch.float32, device=self.device)
-                lower, _ = self._bounds(x, method, C=cm, bound_upper=False)
-                if not torch.all(torch.isfinite(lower)):
-                    raise ModelError(f"non-finite {method.value} bounds on a probe input")
+        methods = {Method.CROWN, self.method}
+        linf = Region(probe, Norm.LINF, np.full(2, TRIAL_EPS))
+        l2 = Region(probe, Norm.L2, np.full(2, TRIAL_EPS))
+        # Per-input L-inf radii are boxes, the same path as one radius; per-input L2 is not.
+        regions = (linf, l2, l2.with_eps(np.array([TRIAL_EPS, 2 * TRIAL_EPS])))
+        for region, method in itertools.product(regions, sorted(methods, key=str)):
+            lower = self.row_bounds(region, c, method, iterations=2)
+            if not np.all(np.isfinite(lower)):
+                raise ModelError(f"non-finite {method.value} bounds on a probe input")
 
     def _check_forward(self, network: Network) -> None:
         probe = torch.rand((4, *network.input_shape), generator=torch.Generator().manual_seed(0))
@@ -273,11 +239,23 @@ class LirpaAdapter:
         with grad:
             return self.bounded.compute_bounds(x=(x,), method=method.value, **kwargs)
 
-    def row_bounds(self, region: Region, c: np.ndarray, method: Method) -> np.ndarray:
-        """Lower bounds of `C y` over each input's region (shape `(B, rows)`, float64)."""
+    def row_bounds(self, region: Region, c: np.ndarray, method: Method,
+                   iterations: int | None = None) -> np.ndarray:
+        """Lower bounds of `C y` over each input's region (shape `(B, rows)`, float64).
+
+        `iterations` overrides the alpha-CROWN steps (the trial bounds use two).
+        """
         if c.shape[1] == 0:
             return np.zeros((len(region), 0))
+        if method == Method.IBP and region.norm == Norm.L2 and not region.uniform:
+            # auto_LiRPA's interval bounds of a convolution take one scalar L2 radius: one call
+            # per input (interval arithmetic is cheap).
+            return np.concatenate([self.row_bounds(
+                Region(region.centres[i:i + 1], Norm.L2, region.eps[i:i + 1]), c[i:i + 1],
+                method) for i in range(len(region))])
         self._configure(method, region)
+        if iterations is not None and method == Method.ALPHA_CROWN:
+            self.bounded.set_bound_opts({"optimize_bound_args": {"iteration": iterations}})
 
         def run(index: np.ndarray) -> np.ndarray:
             x = self._bounded_tensor(region.subset(index))
@@ -351,16 +329,14 @@ class LirpaBackend(BackendBase):
     default_method: ClassVar[Method] = Method.CROWN
 
     def __init__(self, options: LirpaOptions | None = None) -> None:
-        options = options if options is not None else LirpaOptions()
-        if options.method is None:
-            options = dataclasses.replace(options, method=self.default_method)
         super().__init__(options)
+        self._method = parse_method(self.options.method, self.default_method)
         self._adapters: dict[str, LirpaAdapter | str] = {}
 
     @property
     def method(self) -> Method:
         """The bound method this instance runs."""
-        return self.options.method
+        return self._method
 
     def availability(self) -> str | None:
         """None when auto_LiRPA loads here, else why not."""
@@ -371,7 +347,7 @@ class LirpaBackend(BackendBase):
         key = network.fingerprint
         if key not in self._adapters:
             try:
-                self._adapters[key] = LirpaAdapter(network, self.options)
+                self._adapters[key] = LirpaAdapter(network, self.options, method=self.method)
             except (ModelError, BackendUnavailable) as exc:
                 self._adapters[key] = str(exc)
         found = self._adapters[key]

@@ -38,8 +38,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -68,24 +68,22 @@ log = logging.getLogger(__name__)
 _ELEMENTWISE = ("relu", "leaky_relu", "tanh", "sigmoid")
 
 
+def _help(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass(frozen=True)
 class LocalOptions(BackendOptions):
-    """Options of the `local` backend.
+    """Options of the `local` backend (`help` metadata documents each for configs)."""
 
-    Attributes:
-        batch_size: Most inputs per bound computation.
-        memory_budget_gb: Memory one CROWN call may use; larger batches are split.
-        radius_rel_tol: Relative width of the bracket the certified-radius search stops at.
-        dense_norm_limit: Largest masked matrix (entries x batch) normed exactly.
-        lipsdp_rows: Under L2 at the budget, inputs the cheap bounds leave unverified with at
-            most this many failing rows get masked LipSDP on those rows (0: never; seconds each).
-    """
-
-    batch_size: int = 512
-    memory_budget_gb: float = 2.0
-    radius_rel_tol: float = 0.01
-    dense_norm_limit: int = DENSE_NORM_LIMIT
-    lipsdp_rows: int = 0
+    batch_size: int = _help(512, "Most inputs per bound computation.")
+    memory_budget_gb: float = _help(2.0, "Memory one CROWN call may use; larger batches are "
+                                         "split.")
+    radius_rel_tol: float = _help(0.01, "Relative width of the bracket a radius search stops at.")
+    dense_norm_limit: int = _help(DENSE_NORM_LIMIT, "Largest masked matrix (entries times "
+                                                    "inputs) whose spectral norm is exact.")
+    lipsdp_rows: int = _help(0, "Under L2 at the budget, inputs left unverified with at most "
+                                "this many failing rows get masked LipSDP on them (0: never).")
 
 
 def _reach(spec: Spec, values: np.ndarray, lower: np.ndarray, slack: np.ndarray,

@@ -1,6 +1,8 @@
 """The `lirpa` / `alpha-crown` backends: equal to raw auto_LiRPA, sound against PGD, radius
 search, general properties, boxes, batching and the module fallbacks."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from lipverify.backends.lirpa import (
     Method,
 )
 from lipverify.data import load_data
-from lipverify.errors import ResourceError
+from lipverify.errors import InputError, ResourceError
 from lipverify.models import INPUT_SHAPE, load_shipped
 from lipverify.network.extract import extract_layers
 from lipverify.network.load import build_network
@@ -349,3 +351,41 @@ def test_supports_explains_what_it_cannot_bound():
     problem = Problem.robustness(np.zeros((1, 1, 4, 4), np.float32), [0], 2,
                                  Perturbation.ball(Norm.LINF, 0.1))
     assert "ZeroPad2d" in (LirpaBackend().supports(network, problem) or "")
+
+
+def test_options_come_from_configs_with_help_and_checked_methods():
+    from lipverify.backends.local_lipschitz import LocalOptions
+    from lipverify.config import backend_options
+
+    for cls in (LirpaOptions, LocalOptions):
+        for f in dataclasses.fields(cls):
+            if f.name in ("seed", "timeout"):
+                continue
+            text = f.metadata.get("help", "")
+            assert text[:1].isupper() and text.endswith("."), (cls.__name__, f.name)
+    opts = backend_options("lirpa", LirpaOptions, {"method": "alpha-CROWN",
+                                                   "alpha_iterations": 5})
+    assert LirpaBackend(opts).method == Method.ALPHA_CROWN
+    assert LirpaBackend(LirpaOptions(method="ibp")).method == Method.IBP
+    assert AlphaCrownBackend().method == Method.ALPHA_CROWN
+    with pytest.raises(InputError, match="unknown bound method"):
+        LirpaBackend(LirpaOptions(method="beta-CROWN"))
+
+
+def test_ibp_method_is_sound(networks, data):
+    x, y = data
+    x, y = x[:10], y[:10]
+    network = networks["digits_cnn"]
+    backend = LirpaBackend(LirpaOptions(method="IBP"))
+    c = _robust_c(y)
+    eps = 0.01
+    ibp = backend.adapter(network).row_bounds(Region.of(Perturbation.ball(Norm.LINF, eps), x),
+                                               c, Method.IBP)
+    crown = backend.adapter(network).row_bounds(Region.of(Perturbation.ball(Norm.LINF, eps), x),
+                                                 c, Method.CROWN)
+    assert np.mean(crown) > np.mean(ibp)  # CROWN is the tighter method here
+    rng = np.random.default_rng(0)
+    pts = x[:, None] + rng.uniform(-eps, eps, size=(10, 200, *x.shape[1:])).astype(np.float32)
+    for i in range(len(x)):
+        rows = network.forward(pts[i]) @ c[i].T
+        assert np.all(rows.min(axis=0) >= ibp[i] - 1e-5)
