@@ -3,7 +3,8 @@
 Each iterate's slopes (for positive and, optionally, negative coefficients), clamped to `[0, 1]`, give a valid bound and the multipliers are re-chosen
 per iterate by `best_multiplier`, so optimisation only changes tightness. The best slopes per
 objective row (each row has its own slopes) are kept, and the returned bound is one plain
-evaluation of `propagate` at those slopes, with no gradient.
+evaluation of `propagate` at those slopes, with no gradient, including the early Lipschitz
+closings (which do not depend on the slopes and are left out while training them).
 """
 
 from __future__ import annotations
@@ -55,16 +56,20 @@ def optimised_bound(chain: Chain, rows: torch.Tensor, x0: torch.Tensor, rho: tor
                                          r.upper_slope().unsqueeze(1).expand(batch, specs, -1))]
     alphas = [a.clone() for a in alphas]
     with torch.no_grad():
-        best = propagate(chain, end, rows, x0, rho, relus, _pairs(alphas), options.couple)
+        best = propagate(chain, end, rows, x0, rho, relus, _pairs(alphas), options.couple,
+                         close_early=False)
     if options.iterations <= 0 or not relus:
-        return best
+        return _final(chain, end, rows, x0, rho, relus, alphas, options)
     best_alphas = [a.clone() for a in alphas]
     best_bound = best.bound.clone()
     params = [a.requires_grad_() for i, a in enumerate(alphas) if options.upper or i % 2 == 0]
     opt = torch.optim.Adam(params, lr=options.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, options.lr_decay)
     for _ in range(options.iterations):
-        res = propagate(chain, end, rows, x0, rho, relus, _pairs(alphas), options.couple)
+        # The slopes are trained on the propagated bound alone: the early Lipschitz closings do
+        # not depend on them and, inside a max, would hide their gradient.
+        res = propagate(chain, end, rows, x0, rho, relus, _pairs(alphas), options.couple,
+                        close_early=False)
         bound = res.bound
         with torch.no_grad():
             better = bound > best_bound
@@ -85,8 +90,16 @@ def optimised_bound(chain: Chain, rows: torch.Tensor, x0: torch.Tensor, rho: tor
         with torch.no_grad():
             for a in params:
                 a.clamp_(0.0, 1.0)
-    with torch.no_grad():
-        return propagate(chain, end, rows, x0, rho, relus, _pairs(best_alphas), options.couple)
+    return _final(chain, end, rows, x0, rho, relus, best_alphas, options)
+
+
+@torch.no_grad()
+def _final(chain: Chain, end: int, rows: torch.Tensor, x0: torch.Tensor, rho: torch.Tensor,
+           relus: Sequence[ReluBounds], alphas: list[torch.Tensor],
+           options: SlopeOptions) -> Propagated:
+    """One plain evaluation at the given slopes, with every early closing."""
+    return propagate(chain, end, rows, x0, rho, relus, _pairs(alphas), options.couple,
+                     close_early=True)
 
 
 def _pairs(flat: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:

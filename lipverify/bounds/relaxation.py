@@ -146,7 +146,10 @@ def best_multiplier(bounds: ReluBounds, p: torch.Tensor, g: torch.Tensor) -> tor
     p32, g32 = p.to(f32), g.to(f32)
     radius = bounds.radius.to(f32)
     r2 = (radius ** 2).unsqueeze(1).expand(p.shape[:2])
-    scale = torch.linalg.vector_norm(torch.maximum((p32 - g32).abs(), g32.abs()), dim=-1)
+    # Natural scale from this input's unstable neurons only (others add nothing to the dual).
+    unstable = ((lo < 0) & (hi > 0)).to(f32)
+    scale = torch.linalg.vector_norm(torch.maximum((p32 - g32).abs(), g32.abs()) * unstable,
+                                     dim=-1)
     scale = scale / radius.unsqueeze(1).clamp(min=torch.finfo(f32).tiny)
     log_lam = torch.log(scale.clamp(min=LAMBDA_FLOOR))
     for _ in range(LAMBDA_NEWTON_STEPS):
