@@ -16,8 +16,11 @@ import torch
 from lipverify.errors import ModelError
 from lipverify.network.layers import Activation, Conv, Dense, Layer, Reshape
 
-# Largest masked matrix (entries, times the batch) whose spectral norm is computed exactly.
+# Largest matrix (entries) kept dense, and largest batch chunk of Gram matrices (entries).
 DENSE_NORM_LIMIT = 2 ** 24
+# Most floating-point work per input for an exact masked spectral norm (Gram product and
+# eigenvalues); larger layers get min(Frobenius, sqrt(||.||_1 ||.||_inf)).
+DENSE_WORK_LIMIT = 2 ** 28
 
 
 def slope_interval(layer: Activation, lower: torch.Tensor,
@@ -93,7 +96,7 @@ class LocalJacobian:
         return mag.reshape(b, s, -1)
 
     def _gram(self, layer: Dense | Conv) -> torch.Tensor | None:
-        """`W W^T` or `W^T W` (the smaller), if small enough to keep."""
+        """`W W^T` when `W` is wide, else `W` itself (for `W^T M^2 W`), if small enough."""
         if id(layer) not in self._grams:
             out_n, in_n = math.prod(layer.out_shape), math.prod(layer.in_shape)
             gram = None
@@ -109,13 +112,17 @@ class LocalJacobian:
         gram = self._gram(layer)
         out_n, in_n = math.prod(layer.out_shape), math.prod(layer.in_shape)
         side = min(out_n, in_n)
-        if gram is not None and b * side * side <= self.limit:
-            if out_n <= in_n:  # M W W^T M
-                g = mask[:, :, None] * gram[None] * mask[:, None, :]
-            else:  # W^T M^2 W
-                g = torch.einsum("oi,bo,oj->bij", gram, mask ** 2, gram)
-            top = torch.linalg.eigvalsh(g)[:, -1].clamp_min(0)
-            return top.sqrt() * (1 + 1e3 * torch.finfo(torch.float64).eps * side)
+        work = side ** 3 + (out_n * in_n * side if out_n > in_n else side * side)
+        if gram is not None and work <= DENSE_WORK_LIMIT:
+            tops = []
+            step = max(1, self.limit // (side * side))
+            for m in mask.split(step):
+                if out_n <= in_n:  # M W W^T M
+                    g = m[:, :, None] * gram[None] * m[:, None, :]
+                else:  # W^T M^2 W
+                    g = torch.einsum("oi,bo,oj->bij", gram, m ** 2, gram)
+                tops.append(torch.linalg.eigvalsh(g)[:, -1].clamp_min(0))
+            return torch.cat(tops).sqrt() * (1 + 1e3 * torch.finfo(torch.float64).eps * side)
         abs_layer = self._abs[id(layer)]
         ones = torch.ones((b, *layer.in_shape), dtype=torch.float64)
         row_abs = abs_layer.linear(ones).reshape(b, -1)

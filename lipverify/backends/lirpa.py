@@ -40,7 +40,7 @@ from lipverify.backends._margin_search import (
 from lipverify.backends.base import BackendBase, BackendOptions
 from lipverify.errors import BackendUnavailable, InputError, LipverifyError, ModelError
 from lipverify.network.network import Network
-from lipverify.network.torchify import conv_after_reshape, has_asymmetric_padding, layers_to_module
+from lipverify.network.torchify import has_asymmetric_padding, layers_to_module, needs_matrix_mode
 from lipverify.types import Certificate, Norm, Problem, Scope
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class LirpaAdapter:
                                                                       network.input_shape)))
         elif use_layers:
             reasons.append(f"no layer view ({network.unsupported})")
-        matrix = network.layers is not None and conv_after_reshape(network.layers)
+        matrix = network.layers is not None and needs_matrix_mode(network.layers)
         # Sparse alphas crash 0.3 on convnets; per-position conv alphas cost 4x for nothing.
         opts = {"conv_mode": "matrix" if matrix else "patches", "sparse_features_alpha": False,
                 "sparse_spec_alpha": False, "use_full_conv_alpha": False,

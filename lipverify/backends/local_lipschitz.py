@@ -80,8 +80,8 @@ class LocalOptions(BackendOptions):
     memory_budget_gb: float = _help(2.0, "Memory one CROWN call may use; larger batches are "
                                          "split.")
     radius_rel_tol: float = _help(0.01, "Relative width of the bracket a radius search stops at.")
-    dense_norm_limit: int = _help(DENSE_NORM_LIMIT, "Largest masked matrix (entries times "
-                                                    "inputs) whose spectral norm is exact.")
+    dense_norm_limit: int = _help(DENSE_NORM_LIMIT, "Largest layer matrix (entries) kept dense "
+                                                    "for exact masked spectral norms.")
     lipsdp_rows: int = _help(0, "Under L2 at the budget, inputs left unverified with at most "
                                 "this many failing rows get masked LipSDP on them (0: never).")
 

@@ -196,3 +196,14 @@ def _conv_after_reshape(layers: tuple[Layer, ...], seen: bool,
             return True, seen
         shape = tuple(layer.out_shape)
     return False, seen
+
+
+def needs_matrix_mode(layers: tuple[Layer, ...]) -> bool:
+    """True when auto_LiRPA 0.3 must bound with `conv_mode='matrix'`: a convolution after a
+    reshape, or a residual sum of flat features (its patches mode takes every sum for an image).
+    """
+    if conv_after_reshape(layers):
+        return True
+    return any(isinstance(layer, Residual) and (len(layer.in_shape) != 3 or
+                                                needs_matrix_mode(layer.body))
+               for layer in layers)

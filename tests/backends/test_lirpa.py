@@ -2,6 +2,7 @@
 search, general properties, boxes, batching and the module fallbacks."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from lipverify.data import load_data
 from lipverify.errors import InputError, ResourceError
 from lipverify.models import INPUT_SHAPE, load_shipped
 from lipverify.network.extract import extract_layers
-from lipverify.network.load import build_network
+from lipverify.network.load import build_network, load_network
 from lipverify.network.modules import GroupSort
 from lipverify.network.network import Network
 from lipverify.types import Norm, Perturbation, Problem, Property, Status
@@ -389,3 +390,46 @@ def test_ibp_method_is_sound(networks, data):
     for i in range(len(x)):
         rows = network.forward(pts[i]) @ c[i].T
         assert np.all(rows.min(axis=0) >= ibp[i] - 1e-5)
+
+
+MNIST_FC = Path("/work/shared/benchmarks/vnncomp/mnist_fc_2022/onnx/mnist-net_256x2.onnx")
+
+
+@pytest.mark.skipif(not MNIST_FC.exists(), reason="shared VNN-COMP benchmarks not present")
+def test_onnx_graph_module_is_bounded_through_the_layer_view():
+    network = load_network(MNIST_FC)
+    assert isinstance(network.module, torch.fx.GraphModule)
+    x = np.random.default_rng(0).random((4, *network.input_shape)).astype(np.float32)
+    labels = network.forward(x).argmax(axis=1)
+    eps = 0.01
+    backend = LirpaBackend()
+    adapter = backend.adapter(network)
+    assert adapter.source == "layers"
+    c = _robust_c(labels)
+    lower = adapter.row_bounds(Region.of(Perturbation.ball(Norm.LINF, eps), x), c, Method.CROWN)
+    rng = np.random.default_rng(1)
+    for i in range(len(x)):
+        pts = x[i] + rng.choice([-eps, eps], size=(300, *x.shape[1:])).astype(np.float32)
+        rows = network.forward(pts) @ c[i].T
+        assert np.all(rows.min(axis=0) >= lower[i] - 1e-5)
+
+
+def test_residual_mlp_is_bounded_in_matrix_mode():
+    from lipverify.network.modules import ResidualBlock
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), ResidualBlock(
+        nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3)).eval()
+    network = build_network(module, (6,))
+    adapter = LirpaBackend().adapter(network)
+    assert adapter.bounded.conv_mode == "matrix"
+    x = np.random.default_rng(0).random((5, 6)).astype(np.float32)
+    c = _robust_c(network.forward(x).argmax(axis=1), k=3)
+    for norm, eps in ((Norm.LINF, 0.05), (Norm.L2, 0.1)):
+        lower = adapter.row_bounds(Region.of(Perturbation.ball(norm, eps), x), c, Method.CROWN)
+        rng = np.random.default_rng(1)
+        d = rng.normal(size=(5, 500, 6))
+        d = np.sign(d) if norm == Norm.LINF else d / np.linalg.norm(d, axis=2, keepdims=True)
+        for i in range(5):
+            rows = network.forward((x[i] + eps * d[i]).astype(np.float32)) @ c[i].T
+            assert np.all(rows.min(axis=0) >= lower[i] - 1e-5)

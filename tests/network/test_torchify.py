@@ -15,6 +15,7 @@ from lipverify.network.torchify import (
     conv_after_reshape,
     has_asymmetric_padding,
     layers_to_module,
+    needs_matrix_mode,
 )
 
 
@@ -110,3 +111,12 @@ def test_conv_after_reshape_detection():
 def test_empty_layers_rejected():
     with pytest.raises(UnsupportedLayerError):
         layers_to_module(())
+
+
+def test_matrix_mode_for_flat_residuals_and_reshaped_convs():
+    modules = {n: (m, s) for n, m, s in _models()}
+    res, shape = modules["residual_groupsort"]
+    assert needs_matrix_mode(extract_layers(res, shape))
+    conv, shape = modules["unflatten_conv"]
+    assert needs_matrix_mode(extract_layers(conv, shape))
+    assert not needs_matrix_mode(extract_layers(modules["cnn"][0], INPUT_SHAPE))
