@@ -124,10 +124,11 @@ def coupled_offset(bounds: ReluBounds, p: torch.Tensor, g: torch.Tensor,
 
     `p`, `g`: `(B, S, n)`; `lam`: `(B, S)`, `lam >= 0`.
     """
-    lam3 = lam.clamp(min=0).unsqueeze(-1)
+    lam = lam.to(p.dtype).clamp(min=0)
+    lam3 = lam.unsqueeze(-1)
     lo, hi, c = (t.unsqueeze(1) for t in (bounds.lower, bounds.upper, bounds.centre))
     values, _ = _piece_minima(p, g, lo, hi, c, lam3)
-    r2 = bounds.radius.unsqueeze(1) ** 2
+    r2 = bounds.radius.to(p.dtype).unsqueeze(1) ** 2
     return values.sum(-1) - 0.5 * lam * r2
 
 
