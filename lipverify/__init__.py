@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from lipverify.api import CertifyResult, LipschitzReport, certify, lipschitz
+from lipverify.api import CertifyResult, LipschitzReport, certify, compare, lipschitz
 from lipverify.types import (
     Certificate,
     LipschitzBound,
@@ -32,5 +32,6 @@ __all__ = [
     "Status",
     "__version__",
     "certify",
+    "compare",
     "lipschitz",
 ]

@@ -127,3 +127,23 @@ def lipschitz(model: Network | torch.nn.Module | str | Path,
         bounds.append(backend.lipschitz(network, norm))
     lower = jacobian_lower_bound(network, data, norm=norm, seed=seed)
     return LipschitzReport(tuple(bounds), float(lower.value), str(lower.method))
+
+
+def compare(model: Network | torch.nn.Module | str | Path, inputs: np.ndarray,
+            labels: Sequence[int], eps: Sequence[float], *,
+            backends: Sequence[str | Verifier] = ("spectral", "lirpa", "lipsdp"),
+            norm: str | Norm = "2", out: str | Path | None = None, seed: int = 0,
+            input_shape: Sequence[int] | None = None) -> Any:
+    """Every backend on the same inputs: bounds, radii and lower bounds (a `Comparison`).
+
+    With `out`, also writes summary.md, radii.csv and the PNG plots there.
+    """
+    from lipverify.compare.collect import collect
+    from lipverify.compare.report import write_report
+
+    network = as_network(model, input_shape)
+    result = collect(network, np.asarray(inputs, dtype=np.float32), np.asarray(labels),
+                     make_backends(backends), Norm.parse(norm), list(eps), seed)
+    if out is not None:
+        write_report(result, Path(out))
+    return result

@@ -64,3 +64,14 @@ def test_bounds_are_above_the_lower_bound(report):
         cells = [c.strip() for c in line.strip("|").split("|")]
         bound, ratio = float(cells[1]), float(cells[2])
         assert bound >= lower and ratio >= 1.0
+
+
+def test_python_api_mirrors_the_command(tmp_path):
+    import lipverify
+    from lipverify.data import load_data
+
+    x, y = load_data("digits", limit=10)
+    result = lipverify.compare("digits_mlp", x, y, [0.1], backends=["spectral"], out=tmp_path)
+    assert [b.name for b in result.backends] == ["spectral"]
+    assert result.backends[0].global_bound >= result.lower_bound
+    assert (tmp_path / "summary.md").exists() and len(list(tmp_path.glob("*.png"))) == 3
