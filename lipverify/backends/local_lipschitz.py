@@ -8,8 +8,8 @@ form `c W_L D_{L-1} W_{L-1} ... D_1 W_1` with each `D_k` diagonal inside those i
 
 Soundness. The ball is convex, so for `x` in it `g(x) - g(x0)` is the integral of the gradient
 along the segment (`g` is Lipschitz, hence absolutely continuous on the segment), and
-`|g(x) - g(x0)| <= sup_J ||J||_* ||x - x0||` with `||.||_*` the dual norm. Two bounds on
-`sup_J ||J||_*` are computed and the smaller kept:
+`|g(x) - g(x0)| <= sup_J ||J||_* ||x - x0||` with `||.||_*` the dual norm. Several bounds on
+`sup_J ||J||_*` are computed and the smallest kept:
 
 - interval Jacobian (Fast-Lip, Weng et al., ICML 2018): propagate `c` backwards through the
   layers as an interval vector, multiplying exactly by each `W_k` (centre by `W`, radius by
@@ -24,8 +24,10 @@ along the segment (`g` is Lipschitz, hence absolutely continuous on the segment)
   matrix, float64, rounded up) when small, else `min(Frobenius, sqrt(||.||_1 ||.||_inf))`.
   Under L-infinity the L2 bound also serves, through `||J||_1 <= sqrt(n) ||J||_2`; for boxes
   through `|J d| <= ||J||_2 ||h||_2`.
-- the global bound of `lipverify.norms` (products of layer norms, valid on every ball) caps both,
+- the global bound of `lipverify.norms` (products of layer norms, valid on every ball) caps them,
   so `local` never certifies less than a global Lipschitz constant would.
+- optionally (`lipsdp_rows`, L2, at the budget): masked LipSDP (`lipverify.sdp.lipsdp_bound`
+  with the per-neuron slope intervals), a proven L2 bound of the same Jacobian set.
 
 Radius `r` is certified when `g(x0) - r L(r) > 0` for every term (some row), with `L(r)` from the
 ball of radius `r`; the radius search bisects on `r` with the masks recomputed at each probe.
