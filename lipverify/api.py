@@ -138,8 +138,8 @@ def compare(model: Network | torch.nn.Module | str | Path, inputs: np.ndarray,
 
     With `out`, also writes summary.md, radii.csv and the PNG plots there.
     """
-    from lipverify.compare.collect import collect
-    from lipverify.compare.report import write_report
+    from lipverify.comparison.collect import collect
+    from lipverify.comparison.report import write_report
 
     network = as_network(model, input_shape)
     result = collect(network, np.asarray(inputs, dtype=np.float32), np.asarray(labels),

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from lipverify.cli.certify import add_run_args, resolve_config
 from lipverify.cli.common import build_backends, load_model
-from lipverify.compare.collect import collect
-from lipverify.compare.report import markdown, write_report
+from lipverify.comparison.collect import collect
+from lipverify.comparison.report import markdown, write_report
 from lipverify.data import load_data
 from lipverify.network.load import check_inputs
 from lipverify.types import Norm

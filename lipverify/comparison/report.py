@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lipverify.compare.collect import Comparison
+from lipverify.comparison.collect import Comparison
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
