@@ -86,3 +86,52 @@ def test_malformed_yaml(capsys, tmp_path):
     _fails(capsys, ["certify", str(cfg)], "yaml")
     cfg.write_text("modle: x\n")
     _fails(capsys, ["certify", str(cfg)], "modle")
+
+
+def _state_dict_with(tmp_path, key, value):
+    """The shipped digits MLP saved as a state dict with one entry of `key` set to `value`."""
+    from lipverify.models import load_shipped
+
+    state = load_shipped("digits_mlp").state_dict()
+    state[key] = state[key].clone()
+    state[key].view(-1)[3] = value
+    path = tmp_path / f"bad_{key.replace('.', '_')}.pt"
+    torch.save(state, path)
+    return str(path)
+
+
+def _onnx_with(tmp_path, value):
+    """A 64-10 Gemm ONNX model (digits-sized input) with one weight set to `value`."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((10, 64)).astype(np.float32)
+    w[2, 5] = value
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(10, np.float32),
+                                                                      "b")]
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "W", "b"], ["y"], transB=1)], "g",
+                              [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")],
+                         ids=["nan", "inf", "-inf"])
+def test_non_finite_weights_are_refused(capsys, tmp_path, value):
+    """NaN or infinite weights: certify and lipschitz name the weight, exit 1, no traceback."""
+    weight = _state_dict_with(tmp_path, "3.weight", value)
+    bias = _state_dict_with(tmp_path, "5.bias", value)
+    onnx_path = _onnx_with(tmp_path, value)
+    for path, key in ((weight, "3.weight"), (bias, "5.bias")):
+        _fails(capsys, ["certify", "--model", path, "--arch", "digits_mlp", "--backends",
+                        "spectral", "--limit", "2", "--no-progress"], f"weight {key} contains "
+               "NaN or infinite values")
+        _fails(capsys, ["lipschitz", path, "--arch", "digits_mlp"], f"weight {key} contains NaN")
+    _fails(capsys, ["certify", "--model", onnx_path, "--input-shape", "64", "--backends",
+                    "spectral", "--limit", "2", "--no-progress"], "weight W contains NaN or infinite")
+    _fails(capsys, ["lipschitz", onnx_path], "weight W contains NaN")
