@@ -133,5 +133,6 @@ def test_non_finite_weights_are_refused(capsys, tmp_path, value):
                "NaN or infinite values")
         _fails(capsys, ["lipschitz", path, "--arch", "digits_mlp"], f"weight {key} contains NaN")
     _fails(capsys, ["certify", "--model", onnx_path, "--input-shape", "64", "--backends",
-                    "spectral", "--limit", "2", "--no-progress"], "weight W contains NaN or infinite")
+                    "spectral", "--limit", "2", "--no-progress"],
+           "weight W contains NaN or infinite")
     _fails(capsys, ["lipschitz", onnx_path], "weight W contains NaN")
