@@ -3,6 +3,8 @@ overrides and prints a commented default file.
 
 Each backend brings its own `Options` dataclass, validated under `backends.<name>`, so plug-ins
 bring their configuration schema with them. An unknown key is an error naming the dotted key.
+A VNN-COMP batch config (`VnncompConfig`, told apart by its top-level `instances` key) uses the
+same reading and validation.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,35 @@ class RunConfig:
     trust_pickle: bool = _f(False, "Allow arbitrary pickled models (runs code from the file).")
 
 
+def _required(help: str) -> Any:  # noqa: A002 - 'help' mirrors argparse
+    return field(metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class VnncompConfig:
+    """A VNN-COMP batch: the schema of a YAML config with a top-level `instances` key.
+
+    Relative paths are resolved against the config file's folder (`load_vnncomp_config`).
+    """
+
+    instances: str = _required("The competition's instances.csv (onnx,vnnlib,timeout rows).")
+    results: str = _required("Results CSV, appended to (rows already there are skipped).")
+    result_dir: str | None = _f(None, "Also write each instance's result file here.")
+    category: str | None = _f(None, "First results column (default: the benchmark's folder).")
+    timeout: float | None = _f(None, "Cap in seconds on each instance's own timeout.")
+    backends: dict[str, dict[str, Any]] = _f(
+        {}, "Backends to use with their options; empty: every available backend.")
+    disable: list[str] = _f([], "Backends to leave out.")
+    isolate: bool = _f(True, "Run backends in a child process killed at the deadline.")
+    device: str = _f("cpu", "Torch device for the network: 'cpu' or 'cuda'.")
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and not self.timeout > 0:
+            raise InputError(f"config key 'timeout' must be positive, got {self.timeout}")
+        if self.device not in ("cpu", "cuda"):
+            raise InputError(f"config key 'device' must be 'cpu' or 'cuda', got {self.device!r}")
+
+
 def _type_ok(value: Any, annotation: Any) -> bool:
     """A light type check of YAML values against a dataclass field annotation."""
     if isinstance(annotation, str):
@@ -85,6 +116,11 @@ def build(schema: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         if key not in known:
             dotted = f"{prefix}.{key}" if prefix else str(key)
             raise InputError(f"unknown config key {dotted!r}; known: {', '.join(known)}")
+    for name, f in known.items():
+        if name not in data and f.default is dataclasses.MISSING \
+                and f.default_factory is dataclasses.MISSING:
+            dotted = f"{prefix}.{name}" if prefix else name
+            raise InputError(f"config key {dotted!r} is required")
     values = {}
     for key, value in data.items():
         f = known[key]
@@ -104,8 +140,8 @@ def backend_options(name: str, options_cls: type, data: Mapping[str, Any] | None
     return build(options_cls, data or {}, f"backends.{name}")
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run configuration."""
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read the top-level mapping of a YAML file (empty for an empty file); errors name the line."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"config file not found: {path}")
@@ -116,13 +152,70 @@ def load_config(path: str | Path) -> RunConfig:
         where = f":{mark.line + 1}" if mark is not None else ""
         raise InputError(f"{path}{where}: malformed YAML ({getattr(exc, 'problem', exc)})") \
             from exc
-    config = build(RunConfig, data)
-    if not isinstance(config.backends, dict):
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def _check_backend_sections(backends: Any) -> dict[str, dict[str, Any]]:
+    """`backends` as a mapping of names to option mappings (`name:` alone means no options)."""
+    if not isinstance(backends, dict):
         raise InputError("config key 'backends' must map backend names to options")
-    for name, opts in config.backends.items():
+    for name, opts in backends.items():
         if opts is not None and not isinstance(opts, dict):
             raise InputError(f"config key 'backends.{name}' must be a mapping of options")
+    return {name: dict(opts or {}) for name, opts in backends.items()}
+
+
+def check_backend_options(backends: Mapping[str, Mapping[str, Any] | None],
+                          load: Callable[[str], type]) -> None:
+    """Validate each `backends.<name>` section against the `Options` of the class `load` gives."""
+    for name, opts in backends.items():
+        backend_options(name, getattr(load(name), "Options", None), opts)
+
+
+def _run_config(data: Mapping[str, Any]) -> RunConfig:
+    """Build a validated `RunConfig`."""
+    config = build(RunConfig, data)
+    _check_backend_sections(config.backends)
     return config
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run configuration."""
+    return _run_config(_read_yaml(path))
+
+
+def _resolve(folder: Path, value: str | None) -> str | None:
+    """`value` as a path, a relative one taken from `folder`."""
+    return None if value is None else str((folder / Path(str(value)).expanduser()).resolve())
+
+
+def _vnncomp_config(data: Mapping[str, Any], folder: Path) -> VnncompConfig:
+    """Build a validated `VnncompConfig`, its relative paths taken from `folder`."""
+    config = build(VnncompConfig, data)
+    return dataclasses.replace(
+        config, instances=_resolve(folder, config.instances),
+        results=_resolve(folder, config.results),
+        result_dir=_resolve(folder, config.result_dir),
+        backends=_check_backend_sections(config.backends))
+
+
+def load_vnncomp_config(path: str | Path) -> VnncompConfig:
+    """Read and validate a YAML VNN-COMP batch configuration.
+
+    Relative paths in it (`instances`, `results`, `result_dir`) are resolved against the
+    config file's folder, so the file means the same batch from any working directory.
+    """
+    return _vnncomp_config(_read_yaml(path), Path(path).resolve().parent)
+
+
+def load_any_config(path: str | Path) -> RunConfig | VnncompConfig:
+    """Load a run or a VNN-COMP config, told apart by a top-level `instances` key (VNN-COMP)."""
+    data = _read_yaml(path)
+    if "instances" in data:
+        return _vnncomp_config(data, Path(path).resolve().parent)
+    return _run_config(data)
 
 
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +64,8 @@ class RunOptions:
         disabled: Backend names to leave out.
         isolate: Run the backends in a child process killed at the deadline.
         device: Torch device for the network ("cpu" or "cuda").
+        backend_options: Options of each backend by name (a config's `backends.<name>`
+            section), validated against that backend's `Options` when it is created.
 
     """
 
@@ -70,6 +74,7 @@ class RunOptions:
     disabled: tuple[str, ...] = ()
     isolate: bool = True
     device: str = "cpu"
+    backend_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.timeout > 0:
@@ -228,7 +233,8 @@ def _solve(onnx_path: str | Path, vnnlib_path: str | Path, options: RunOptions,
         return found
     backend_options = BackendOptions(str(onnx_path), prepared.spec.num_inputs,
                                      prepared.spec.num_outputs, options.backends,
-                                     options.disabled, options.device)
+                                     options.disabled, options.device,
+                                     _plain(options.backend_options))
     pool = WorkerBackends(backend_options) if options.isolate else LocalBackends(backend_options)
     try:
         try:
@@ -239,6 +245,11 @@ def _solve(onnx_path: str | Path, vnnlib_path: str | Path, options: RunOptions,
         return state.run(pool, summaries)
     finally:
         pool.close()
+
+
+def _plain(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Backend option sections as plain dicts (they are pickled to the backend process)."""
+    return {name: dict(opts or {}) for name, opts in sections.items()}
 
 
 def run_instance(onnx_path: str | Path, vnnlib_path: str | Path,

@@ -57,6 +57,8 @@ class BackendOptions:
         backends: Backend names; empty means every available one.
         disabled: Backend names to leave out.
         device: Torch device name.
+        backend_options: Options of each backend by name, built into its `Options` (an
+            unknown key is an error naming `backends.<name>.<key>`).
         log_level: Logging level in the child (the parent's by default).
 
     """
@@ -67,6 +69,7 @@ class BackendOptions:
     backends: tuple[str, ...] = ()
     disabled: tuple[str, ...] = ()
     device: str = "cpu"
+    backend_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     log_level: int = field(default_factory=lambda: logging.getLogger().getEffectiveLevel())
 
 
@@ -132,14 +135,19 @@ class LocalBackends:
 
 
 def _create(options: BackendOptions) -> list[Any]:
+    """Create the backends to run with their options (unavailable ones left out unless named)."""
     from lipverify.backends.registry import BackendRegistry
+    from lipverify.config import backend_options
 
     registry = BackendRegistry.from_entry_points(disabled=options.disabled)
     chosen = options.backends or tuple(registry.names)
     out = []
     for name in chosen:
         try:
-            backend = registry.create(name)
+            cls = registry.load(name)
+            opts = backend_options(name, getattr(cls, "Options", None),
+                                   options.backend_options.get(name))
+            backend = registry.create(name, opts)
             why = backend.availability() if hasattr(backend, "availability") else None
             if why is not None:
                 raise BackendUnavailable(f"{name}: unavailable: {why}")
