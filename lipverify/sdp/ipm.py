@@ -191,6 +191,21 @@ def _try_cholesky(m: np.ndarray) -> np.ndarray | None:
         return None
 
 
+def _regularised_cholesky(h: np.ndarray) -> tuple[np.ndarray, bool] | None:
+    """`cho_factor` of `h`, adding a growing multiple of the identity when rounding has made it
+    indefinite (near the optimum multipliers can diverge, e.g. for slopes `[1, 1]`); None when
+    even a visible shift does not help. A regularised Newton step is still just a direction:
+    the step acceptance below keeps every iterate strictly feasible."""
+    scale = max(float(np.max(np.abs(np.diag(h)))), 1e-300)
+    for shift in (0.0, 1e-14, 1e-12, 1e-10, 1e-8):
+        try:
+            return sla.cho_factor(h + shift * scale * np.eye(len(h)), lower=True,
+                                  check_finite=False)
+        except np.linalg.LinAlgError:
+            continue
+    return None
+
+
 def solve_ipm(chain: Chain, form: Form, rel_tol: float, time_limit: float | None = None
               ) -> IPMResult:
     """Minimise rho subject to `M(rho, lambda) <= 0`, `t >= 0`, to relative gap `rel_tol`."""
@@ -230,7 +245,10 @@ def solve_ipm(chain: Chain, form: Form, rel_tol: float, time_limit: float | None
             break
         mu = gap / nu
         h = _schur(fac, x, s_inv) + np.diag(z / y)
-        h_chol = sla.cho_factor(h, lower=True, check_finite=False)
+        h_chol = _regularised_cholesky(h)
+        if h_chol is None:  # Newton system singular to rounding: every iterate is feasible
+            log.debug("ipm: Newton system not positive definite; keeping the best iterate")
+            break
         b_sinv = _bstar(fac, s_inv)
 
         def direction(sigma_mu: float, q: np.ndarray | None, lin_corr: np.ndarray,
