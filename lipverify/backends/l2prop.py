@@ -27,6 +27,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from lipverify.backends._margin_search import deadline_of
 from lipverify.backends.base import BackendBase, BackendOptions
 from lipverify.bounds.certify import RowSet, lower_bounds, margin_lower
 from lipverify.bounds.chain import Chain, build_chain
@@ -136,8 +137,13 @@ class L2PropBackend(BackendBase):
             return torch.device(self.options.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def margins(self, network: Network, problem: Problem, eps: np.ndarray) -> np.ndarray:
-        """Sound lower bounds of each input's property margin at per-input radii `eps`."""
+    def margins(self, network: Network, problem: Problem, eps: np.ndarray,
+                deadline: float | None = None) -> np.ndarray:
+        """Sound lower bounds of each input's property margin at per-input radii `eps`.
+
+        Past `deadline` (`time.monotonic()`) the slope optimisation stops early and batches not
+        started get `-inf` (no bound).
+        """
         prep = self._prepare(network)
         opts = self.options
         inter = IntermediateOptions(crown_layers=opts.crown_layers,
@@ -148,49 +154,69 @@ class L2PropBackend(BackendBase):
         torch.manual_seed(opts.seed)
         for start in range(0, len(problem), opts.batch_size):
             idx = np.arange(start, min(start + opts.batch_size, len(problem)))
+            if _passed(deadline):
+                out[idx] = -np.inf
+                continue
             rowset = RowSet.from_properties([problem.properties[i] for i in idx])
             x0 = torch.as_tensor(np.asarray(problem.inputs[idx]), dtype=torch.float64,
                                  device=device)
             rho = torch.as_tensor(eps[idx], dtype=torch.float64, device=device)
             outputs = network.forward(problem.inputs[idx])
-            res = lower_bounds(prep.chain, prep.norms, x0, rho, rowset, inter, opts)
+            res = lower_bounds(prep.chain, prep.norms, x0, rho, rowset, inter, opts, deadline)
             out[idx] = margin_lower(rowset, res, outputs)
         return out
 
     def certify(self, network: Network, problem: Problem) -> list[Certificate]:
-        """One certificate per input: verified when every margin is provably positive."""
+        """One certificate per input: verified when every margin is provably positive.
+
+        Stops at the problem's deadline or `timeout`: what is not verified by then is `timeout`.
+        """
         start = time.perf_counter()
+        deadline = deadline_of(problem, self.options.timeout)
         eps = problem.perturbation.eps
-        margins = self.margins(network, problem, np.full(len(problem), eps))
+        margins = self.margins(network, problem, np.full(len(problem), eps), deadline)
         radii = np.where(margins > 0, eps, 0.0)
         if problem.want_radius:
-            radii = self._radii(network, problem, margins)
+            radii = self._radii(network, problem, margins, deadline)
+        late = _passed(deadline)
         per = (time.perf_counter() - start) / max(len(problem), 1)
         certs = []
         for m, r in zip(margins, radii, strict=True):
-            status = Status.VERIFIED if m > 0 and eps > 0 else Status.UNKNOWN
+            status = Status.VERIFIED if m > 0 and eps > 0 else \
+                Status.TIMEOUT if late else Status.UNKNOWN
             if eps == 0 and m > 0:
                 status = Status.VERIFIED
             certs.append(Certificate(status, self.name, float(r), float(m), per,
                                      details={"eps": eps}))
         return certs
 
-    def _radii(self, network: Network, problem: Problem, at_eps: np.ndarray) -> np.ndarray:
-        """Largest radius proven per input: grow past eps while it verifies, then bisect."""
+    def _radii(self, network: Network, problem: Problem, at_eps: np.ndarray,
+               deadline: float | None = None) -> np.ndarray:
+        """Largest radius proven per input: grow past eps while it verifies, then bisect.
+
+        Stops at `deadline`, keeping the largest radius proven so far.
+        """
         eps = problem.perturbation.eps
         lo = np.where(at_eps > 0, eps, 0.0)
         hi = np.where(at_eps > 0, eps * RADIUS_GROWTH, eps if eps > 0 else 1.0)
         growing = np.flatnonzero(at_eps > 0)
         for _ in range(RADIUS_MAX_GROWTHS):
-            if not len(growing):
+            if not len(growing) or _passed(deadline):
                 break
-            ok = self.margins(network, problem.subset(growing), hi[growing]) > 0
+            ok = self.margins(network, problem.subset(growing), hi[growing], deadline) > 0
             lo[growing[ok]] = hi[growing[ok]]
             hi[growing[ok]] *= RADIUS_GROWTH
             growing = growing[ok]
         for _ in range(self.options.radius_steps):
+            if _passed(deadline):
+                break
             mid = (lo + hi) / 2
-            ok = self.margins(network, problem, mid) > 0
+            ok = self.margins(network, problem, mid, deadline) > 0
             lo = np.where(ok, mid, lo)
             hi = np.where(ok, hi, mid)
         return lo
+
+
+def _passed(deadline: float | None) -> bool:
+    """True once `deadline` (`time.monotonic()`) has passed."""
+    return deadline is not None and time.monotonic() > deadline

@@ -61,11 +61,16 @@ class RowSet:
 
 
 def lower_bounds(chain: Chain, norms: BlockNorms, x0: torch.Tensor, rho: torch.Tensor,
-                 rowset: RowSet, inter: IntermediateOptions, opts: object) -> Propagated:
-    """Lower bounds of `rows . f(x)` over the balls (intermediate bounds, then slopes)."""
+                 rowset: RowSet, inter: IntermediateOptions, opts: object,
+                 deadline: float | None = None) -> Propagated:
+    """Lower bounds of `rows . f(x)` over the balls (intermediate bounds, then slopes).
+
+    Past `deadline` (`time.monotonic()`) the slope optimisation stops with the best so far.
+    """
     relus = intermediate_bounds(chain, norms, x0, rho, inter)
     rows = torch.as_tensor(rowset.rows, dtype=torch.float64, device=x0.device)
-    slope_opts = SlopeOptions(iterations=opts.iterations, lr=opts.lr, lr_decay=opts.lr_decay)
+    slope_opts = SlopeOptions(iterations=opts.iterations, lr=opts.lr, lr_decay=opts.lr_decay,
+                              deadline=deadline)
     target = torch.as_tensor(rowset.rhs, dtype=torch.float64, device=x0.device)
     return optimised_bound(chain, rows, x0, rho, relus, slope_opts, target)
 

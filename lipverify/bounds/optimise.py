@@ -9,6 +9,7 @@ closings (which do not depend on the slopes and are left out while training them
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,7 +29,9 @@ class SlopeOptions:
     """Adam on the slopes: `iterations` steps (0: CROWN's slopes), learning rate and decay.
 
     `upper`: optimise the slopes of neurons with negative coefficients too (CROWN keeps them at
-    `u / (u - l)`, the best choice only without the coupling term).
+    `u / (u - l)`, the best choice only without the coupling term). `deadline`: a
+    `time.monotonic()` instant after which no further step is taken (the best slopes so far
+    are kept: every iterate's bound is sound).
     """
 
     iterations: int = DEFAULT_ITERATIONS
@@ -36,6 +39,7 @@ class SlopeOptions:
     lr_decay: float = DEFAULT_LR_DECAY
     couple: bool = True
     upper: bool = True
+    deadline: float | None = None
 
 
 def optimised_bound(chain: Chain, rows: torch.Tensor, x0: torch.Tensor, rho: torch.Tensor,
@@ -66,6 +70,8 @@ def optimised_bound(chain: Chain, rows: torch.Tensor, x0: torch.Tensor, rho: tor
     opt = torch.optim.Adam(params, lr=options.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, options.lr_decay)
     for _ in range(options.iterations):
+        if options.deadline is not None and time.monotonic() > options.deadline:
+            break
         # The slopes are trained on the propagated bound alone: the early Lipschitz closings do
         # not depend on them and, inside a max, would hide their gradient.
         res = propagate(chain, end, rows, x0, rho, relus, _pairs(alphas), options.couple,
