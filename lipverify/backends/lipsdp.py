@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -10,8 +11,9 @@ from typing import ClassVar
 
 import numpy as np
 
+from lipverify.backends._margin_search import deadline_of
 from lipverify.backends.base import BackendBase, BackendOptions
-from lipverify.errors import InputError, LipverifyError
+from lipverify.errors import InputError, LipverifyError, ResourceError
 from lipverify.margins import certificates_from_radii, margin_certificates, robust_radii
 from lipverify.network.network import Network
 from lipverify.sdp import (
@@ -20,6 +22,7 @@ from lipverify.sdp import (
     SDPBound,
     SDPOptions,
     Solver,
+    Verdict,
     chain_bound,
     chain_from_layers,
     estimate,
@@ -65,8 +68,7 @@ class LipSDPOptions(BackendOptions):
         except ValueError:
             raise InputError(f"lipsdp form must be neuron or layer, got {self.form!r}") from None
         return SDPOptions(form=form, solver=Solver.parse(self.solver), tolerance=self.tolerance,
-                          memory_budget_gb=self.memory_budget_gb, time_limit=self.timeout,
-                          threads=self.threads)
+                          memory_budget_gb=self.memory_budget_gb, threads=self.threads)
 
 
 class LipSDPBackend(BackendBase):
@@ -155,62 +157,95 @@ class LipSDPBackend(BackendBase):
             self._caches[key] = BoundCache(self.options.cache_dir, key)
         return self._caches[key]
 
-    def _solve(self, chain: Chain) -> SDPBound:
+    def _solve(self, chain: Chain, time_limit: float | None = None) -> SDPBound:
+        sdp = self._sdp if time_limit is None else dataclasses.replace(self._sdp,
+                                                                        time_limit=time_limit)
         if self.options.split:
-            return split_bound(chain, self.options.split, self._sdp)
-        return chain_bound(chain, self._sdp)
+            return split_bound(chain, self.options.split, sdp)
+        return chain_bound(chain, sdp)
 
-    def _row_bound(self, network: Network, chain: Chain, name: str, last: np.ndarray) -> float:
+    def _row_bound(self, network: Network, chain: Chain, name: str, last: np.ndarray,
+                   deadline: float | None = None) -> float:
+        """The cached or solved bound; inf when `deadline` passed before the solve could start.
+
+        A solve cut short by the deadline still gives a checked (looser) bound, which is used
+        but not cached.
+        """
         cache = self._cache(network)
         value = cache.get(name)
         if value is None:
-            bound = self._solve(chain.with_last(last))
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return math.inf
+            bound = self._solve(chain.with_last(last), left)
             value = bound.value
-            cache.put(name, value, bound.details())
+            if left is None or bound.verdict == Verdict.USE:
+                cache.put(name, value, bound.details())
         return value
 
-    def pair_bounds(self, network: Network) -> np.ndarray:
-        """`L[y, j]`: proven L2 bounds of `f_y - f_j` (symmetric, zero diagonal)."""
+    def pair_bounds(self, network: Network, labels: np.ndarray | None = None,
+                    deadline: float | None = None) -> np.ndarray:
+        """`L[y, j]`: proven L2 bounds of `f_y - f_j` (symmetric, zero diagonal).
+
+        With `labels`, only the pairs those labels need (the others are inf); pairs not solved
+        before `deadline` are inf too.
+        """
         chain = chain_from_layers(network.require_layers())
         k = chain.last.shape[0]
-        out = np.zeros((k, k))
-        for y in range(k):
-            for j in range(y + 1, k):
-                row = chain.last[y] - chain.last[j]
-                out[y, j] = out[j, y] = self._row_bound(network, chain, f"pair:{y}-{j}", row)
+        rows = range(k) if labels is None else sorted({int(t) for t in labels})
+        out = np.full((k, k), math.inf)
+        np.fill_diagonal(out, 0.0)
+        for y in rows:
+            for j in range(k):
+                if j == y or math.isfinite(out[y, j]):
+                    continue
+                lo, hi = min(y, j), max(y, j)
+                row = chain.last[lo] - chain.last[hi]
+                out[y, j] = out[j, y] = self._row_bound(network, chain, f"pair:{lo}-{hi}", row,
+                                                        deadline)
         return out
 
-    def global_bound(self, network: Network) -> float:
-        """A proven L2 bound of the whole network (all outputs)."""
+    def global_bound(self, network: Network, deadline: float | None = None) -> float:
+        """A proven L2 bound of the whole network (all outputs); inf past `deadline`."""
         chain = chain_from_layers(network.require_layers())
-        return self._row_bound(network, chain, "global", chain.last)
+        return self._row_bound(network, chain, "global", chain.last, deadline)
 
-    def row_bound(self, network: Network, row: np.ndarray) -> float:
-        """A proven L2 bound of `x -> row . f(x)`."""
+    def row_bound(self, network: Network, row: np.ndarray,
+                  deadline: float | None = None) -> float:
+        """A proven L2 bound of `x -> row . f(x)`; inf when `deadline` passed before a solve."""
         row = np.asarray(row, np.float64).reshape(-1)
         nz = np.flatnonzero(row)
         if len(nz) == 2 and row[nz[0]] == -row[nz[1]]:
             y, j = (nz[0], nz[1]) if row[nz[0]] > 0 else (nz[1], nz[0])
             lo, hi = min(y, j), max(y, j)
             scale = abs(float(row[nz[0]]))
-            return round_up(scale * self.pair_bounds_entry(network, int(lo), int(hi)))
+            return round_up(scale * self.pair_bounds_entry(network, int(lo), int(hi), deadline))
         if not self.options.pairwise:
-            return round_up(float(np.linalg.norm(row)) * self.global_bound(network))
+            return round_up(float(np.linalg.norm(row)) * self.global_bound(network, deadline))
         chain = chain_from_layers(network.require_layers())
         name = f"row:{row.tobytes().hex()[:64]}:{len(row)}"
-        return self._row_bound(network, chain, name, row @ chain.last)
+        return self._row_bound(network, chain, name, row @ chain.last, deadline)
 
-    def pair_bounds_entry(self, network: Network, y: int, j: int) -> float:
+    def pair_bounds_entry(self, network: Network, y: int, j: int,
+                          deadline: float | None = None) -> float:
         """The bound of `f_y - f_j` (`y < j`), solving only that pair if not cached."""
         if not self.options.pairwise:
-            return round_up(math.sqrt(2.0) * self.global_bound(network))
+            return round_up(math.sqrt(2.0) * self.global_bound(network, deadline))
         chain = chain_from_layers(network.require_layers())
-        return self._row_bound(network, chain, f"pair:{y}-{j}", chain.last[y] - chain.last[j])
+        return self._row_bound(network, chain, f"pair:{y}-{j}", chain.last[y] - chain.last[j],
+                               deadline)
 
     def lipschitz(self, network: Network, norm: Norm) -> LipschitzBound:
-        """A proven global bound (L2 to L2; L-inf as sqrt(n) times it, which bounds inf-to-2)."""
+        """A proven global bound (L2 to L2; L-inf as sqrt(n) times it, which bounds inf-to-2).
+
+        With `timeout`, a solve stopped by it gives a checked, looser bound.
+        """
         start = time.perf_counter()
-        value = self.global_bound(network)
+        deadline = None if self.options.timeout is None else \
+            time.monotonic() + self.options.timeout
+        value = self.global_bound(network, deadline)
+        if not math.isfinite(value):
+            raise ResourceError(f"lipsdp: no bound within the {self.options.timeout}s timeout")
         details = {"method": self._method(), "norm_note": "L2 -> L2"}
         if norm == Norm.LINF:
             value = round_up(value * math.sqrt(network.input_size) * (1 + 1e-15))
@@ -226,8 +261,14 @@ class LipSDPBackend(BackendBase):
 
     # -- certificates ------------------------------------------------------------------------
     def certify(self, network: Network, problem: Problem) -> list[Certificate]:
-        """Certificates from centre margins and (pairwise) LipSDP bounds."""
+        """Certificates from centre margins and (pairwise) LipSDP bounds.
+
+        Stops at the problem's deadline or `timeout` (whichever is first): the running solve is
+        cut short (its checked bound still counts), no further SDP starts, and inputs missing a
+        bound end as `timeout`.
+        """
         start = time.perf_counter()
+        deadline = deadline_of(problem, self.options.timeout)
         pert = problem.perturbation
         norm = pert.norm
         factor = 1.0 if norm == Norm.L2 else math.sqrt(network.input_size) * (1 + 1e-15)
@@ -236,22 +277,37 @@ class LipSDPBackend(BackendBase):
             labels = problem.labels
             if labels is not None:
                 if self.options.pairwise:
-                    pairs = self.pair_bounds(network)
+                    pairs = self.pair_bounds(network, labels, deadline)
                 else:
-                    pairs = np.full((network.num_outputs,) * 2,
-                                    round_up(math.sqrt(2.0) * self.global_bound(network)))
+                    pairs = np.full((network.num_outputs,) * 2, round_up(
+                        math.sqrt(2.0) * self.global_bound(network, deadline)))
                 pairs = np.nextafter(pairs * factor, np.inf)
                 radii = robust_radii(outputs, labels, pairs)
+                late = ~np.all(np.isfinite(pairs[labels]), axis=1)
                 seconds = time.perf_counter() - start
                 eps = pert.enclosing_radius(norm)
                 details = [{"method": self._method()} for _ in radii]
-                return certificates_from_radii(radii, eps, self.name, seconds, details)
-            return margin_certificates(
-                problem, outputs,
-                lambda row: round_up(self.row_bound(network, row) * factor),
-                self.name, time.perf_counter() - start)
+                certs = certificates_from_radii(radii, eps, self.name, seconds, details)
+                return _timed_out(certs, late)
+            missed: list[bool] = []
+
+            def row_lipschitz(row: np.ndarray) -> float:
+                value = self.row_bound(network, row, deadline)
+                missed.append(not math.isfinite(value))
+                return round_up(value * factor)
+
+            certs = margin_certificates(problem, outputs, row_lipschitz, self.name,
+                                        time.perf_counter() - start)
+            return _timed_out(certs, np.full(len(certs), any(missed)))
         except LipverifyError as exc:  # ResourceError, solver and check failures
             log.warning("lipsdp: %s", exc)
             per = (time.perf_counter() - start) / max(len(problem), 1)
             return [Certificate(Status.ERROR, self.name, seconds=per,
                                 details={"error": str(exc)}) for _ in range(len(problem))]
+
+
+def _timed_out(certs: list[Certificate], late: np.ndarray) -> list[Certificate]:
+    """`timeout` instead of `unknown` where a bound was missing at the deadline."""
+    return [dataclasses.replace(c, status=Status.TIMEOUT)
+            if miss and c.status == Status.UNKNOWN else c
+            for c, miss in zip(certs, late, strict=True)]
