@@ -9,8 +9,10 @@ pre-activation bounds. The backends turn those into certificates.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
+import io
 import itertools
 import logging
 import math
@@ -225,25 +227,29 @@ class LirpaAdapter:
             ptb = ext.PerInputLpNorm(norm=2, eps=eps.view(-1, 1))
         return ext.lirpa.BoundedTensor(x, ptb)
 
-    def _configure(self, method: Method, region: Region) -> None:
+    def _configure(self, method: Method, region: Region, deadline: float | None = None) -> None:
         # Sparse intermediate bounds take reference bounds from interval arithmetic, which
         # auto_LiRPA computes for convolutions with a scalar L2 radius only.
         per_input_l2 = not region.uniform and not region.is_box and region.norm == Norm.L2
         self.bounded.bound_opts["sparse_intermediate_bounds_with_ibp"] = not per_input_l2
         if method == Method.ALPHA_CROWN:
             self.bounded.set_bound_opts({"optimize_bound_args": {
-                "iteration": self.options.alpha_iterations, "lr_alpha": self.options.alpha_lr}})
+                "iteration": self.options.alpha_iterations, "lr_alpha": self.options.alpha_lr,
+                "stop_criterion_func": _stop_at(deadline)}})
 
     def _bounds(self, x: Any, method: Method, **kwargs: Any) -> Any:
         grad = torch.enable_grad() if method == Method.ALPHA_CROWN else torch.no_grad()
-        with grad:
+        # alpha-CROWN prints its early stops ("all verified at ...") on stdout: keep it clean.
+        with grad, contextlib.redirect_stdout(io.StringIO()):
             return self.bounded.compute_bounds(x=(x,), method=method.value, **kwargs)
 
     def row_bounds(self, region: Region, c: np.ndarray, method: Method,
-                   iterations: int | None = None) -> np.ndarray:
+                   iterations: int | None = None, deadline: float | None = None) -> np.ndarray:
         """Lower bounds of `C y` over each input's region (shape `(B, rows)`, float64).
 
-        `iterations` overrides the alpha-CROWN steps (the trial bounds use two).
+        `iterations` overrides the alpha-CROWN steps (the trial bounds use two). Past
+        `deadline` (`time.monotonic()`), alpha-CROWN stops optimising and returns the best
+        bounds so far (every iterate's bound is sound).
         """
         if c.shape[1] == 0:
             return np.zeros((len(region), 0))
@@ -253,7 +259,7 @@ class LirpaAdapter:
             return np.concatenate([self.row_bounds(
                 Region(region.centres[i:i + 1], Norm.L2, region.eps[i:i + 1]), c[i:i + 1],
                 method) for i in range(len(region))])
-        self._configure(method, region)
+        self._configure(method, region, deadline)
         if iterations is not None and method == Method.ALPHA_CROWN:
             self.bounded.set_bound_opts({"optimize_bound_args": {"iteration": iterations}})
 
@@ -293,6 +299,15 @@ class LirpaAdapter:
                         packed[:, offset + width:offset + 2 * width]))
             offset += 2 * width
         return out
+
+
+def _stop_at(deadline: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """auto_LiRPA's alpha-CROWN stop criterion: every bound "done" once `deadline` passed."""
+    def stop(lower: torch.Tensor) -> torch.Tensor:
+        late = deadline is not None and time.monotonic() > deadline
+        return torch.full_like(lower, late, dtype=torch.bool)
+
+    return stop
 
 
 class LirpaBackend(BackendBase):
@@ -388,9 +403,10 @@ class LirpaBackend(BackendBase):
             outcomes = Outcomes(centre, slack, margin, radius, (radius >= eps) & (radius > 0),
                                 late)
         else:
-            margin = self.margins(adapter, region, spec, self.method) - slack
+            margin = self.margins(adapter, region, spec, self.method, deadline) - slack
+            late = deadline is not None and time.monotonic() > deadline
             outcomes = Outcomes(centre, slack, margin, np.where(margin > 0, eps, 0.0),
-                                margin > 0)
+                                margin > 0, late)
         seconds = (time.perf_counter() - start) / max(n, 1)
         return outcomes.certificates(self.name, region.centres, seconds,
                                      {"method": self.method.value})
@@ -407,7 +423,8 @@ class LirpaBackend(BackendBase):
                    known: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
             def margins_at(index: np.ndarray, radii: np.ndarray) -> np.ndarray:
                 sub = region.subset(index).with_eps(radii)
-                return self.margins(adapter, sub, spec.subset(index), method) - slack[index]
+                return self.margins(adapter, sub, spec.subset(index), method,
+                                    deadline) - slack[index]
 
             growth = 1.0 if known is None else 4 * self.options.radius_rel_tol
             return bisect_radius(margins_at, first, self.options.radius_rel_tol, known, deadline,
@@ -426,9 +443,9 @@ class LirpaBackend(BackendBase):
         return radius, at_eps
 
     def margins(self, adapter: LirpaAdapter, region: Region, spec: Spec,
-                method: Method) -> np.ndarray:
+                method: Method, deadline: float | None = None) -> np.ndarray:
         """Lower bound on each input's property margin over its region (before the slack)."""
-        lower = adapter.row_bounds(region, spec.c, method)
+        lower = adapter.row_bounds(region, spec.c, method, deadline=deadline)
         return spec.combine(lower - spec.d)
 
 
