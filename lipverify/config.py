@@ -42,7 +42,8 @@ class RunConfig:
     eps: list[float] = _f([0.1, 0.3, 0.5], "Radii to certify at.")
     mode: str = _f("budget", "Cascade mode: 'budget' (stop when resolved) or 'radius'.")
     backends: dict[str, dict[str, Any]] = _f(
-        {"attack": {}, "spectral": {}, "lirpa": {}, "local": {}, "lipsdp": {}},
+        {"attack": {}, "spectral": {}, "lirpa": {}, "local": {}, "l2prop": {},
+         "lipsdp": {}},
         "Backends to run (cheapest first) with their options.")
     device: str = _f("auto", "Device: 'auto', 'cpu' or 'cuda'.")
     seed: int = _f(0, "Random seed for attacks and sampling.")
