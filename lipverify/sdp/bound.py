@@ -150,10 +150,10 @@ def chain_bound(chain: Chain, options: SDPOptions = SDPOptions()) -> SDPBound:
     if reduced_chain is not chain:
         inner = chain_bound(reduced_chain, options)
         return _expand_multipliers(inner, chain, keep, options.form)
-    scaled, exponents = power_of_two_scales(chain)
-    solved = reduce_input(scaled) if options.reduce_input else scaled
-    require_budget(estimate(scaled, solved, options.solver), options.memory_budget_gb)
-    with _blas_threads(options.threads):
+    with _blas_threads(options.threads):  # the SVDs of scaling and reduction too
+        scaled, exponents = power_of_two_scales(chain)
+        solved = reduce_input(scaled) if options.reduce_input else scaled
+        require_budget(estimate(scaled, solved, options.solver), options.memory_budget_gb)
         raw = solve_chain(solved, options.form, options.solver, options.tolerance,
                           options.time_limit)
         full = assemble(scaled, options.form)
