@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import importlib
 import importlib.metadata
 import logging
 import multiprocessing
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 
 # Imported once by the fork server, so each child starts without paying for them (with the
 # modules of the registered backends; a module that fails to import is skipped there).
-PRELOAD = ("torch", "lipverify.vnncomp.worker", "lipverify.orchestrator",
+# torch._dynamo is imported by the first torch optimiser (alpha-CROWN, l2prop): ~2 s that would
+# otherwise be spent inside a backend's time.
+PRELOAD = ("torch", "torch._dynamo", "lipverify.vnncomp.worker", "lipverify.orchestrator",
            "lipverify.network.load", "lipverify.network.onnx_import")
 _PR_SET_PDEATHSIG = 1
 
@@ -98,6 +101,9 @@ class LocalBackends:
                                  f"{options.onnx_path} has {actual}")
         self.network = network
         self.backends = {b.name: b for b in _create(options)} if create else {}
+        if create:  # as the fork server does (PRELOAD): imports before the backends' time
+            for module in PRELOAD:
+                importlib.import_module(module)
 
     @property
     def summaries(self) -> list[BackendSummary]:
