@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
+import scipy.linalg as sla
 
 from lipverify.backends._margin_search import deadline_of
 from lipverify.backends.base import BackendBase, BackendOptions
@@ -29,12 +30,19 @@ from lipverify.sdp import (
     split_bound,
     unsupported_reason,
 )
+from lipverify.sdp.bound import _blas_threads as blas_threads
 from lipverify.sdp.bound import round_up
 from lipverify.sdp.cache import BoundCache
 from lipverify.sdp.chain import power_of_two_scales, reduce_input, split_chain
 from lipverify.types import Certificate, LipschitzBound, Norm, Problem, Scope, Status
 
 log = logging.getLogger(__name__)
+
+# Under a deadline, an SDP starts only if its set-up and float64 check (dense factorisations
+# and eigenvalues, which cannot be interrupted) fit in the time left; their time is estimated
+# from one timed eigenvalue problem of this size, scaled by the cube of the matrix sizes
+# (conservative: larger matrices run faster per n^3).
+CALIBRATION_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,7 @@ class LipSDPBackend(BackendBase):
         super().__init__(options)
         self._sdp = self.options.sdp_options()
         self._caches: dict[str, BoundCache] = {}
+        self._cubic_seconds: float | None = None
 
     # -- what can run ------------------------------------------------------------------------
     def supports(self, network: Network, problem: Problem) -> str | None:
@@ -136,8 +145,9 @@ class LipSDPBackend(BackendBase):
         except InputError as exc:
             return str(exc)
         for part in self._parts(chain):
-            scaled, _ = power_of_two_scales(part)
-            est = estimate(scaled, reduce_input(scaled), self._sdp.solver)
+            with blas_threads(self._sdp.threads):
+                scaled, _ = power_of_two_scales(part)
+                est = estimate(scaled, reduce_input(scaled), self._sdp.solver)
             if est.total_gb > self._sdp.memory_budget_gb:
                 return (f"LipSDP needs about {est.total_gb:.2f} GiB (matrix "
                         f"{est.solved_size}x{est.solved_size}, check {est.full_size}"
@@ -164,6 +174,26 @@ class LipSDPBackend(BackendBase):
             return split_bound(chain, self.options.split, sdp)
         return chain_bound(chain, sdp)
 
+    def _fixed_seconds(self, chain: Chain) -> tuple[float, float]:
+        """Estimated seconds of set-up plus check, and of the check alone, of `chain`'s SDPs.
+
+        Summed over the parts when split.
+        """
+        if self._cubic_seconds is None:
+            a = np.random.default_rng(0).standard_normal((CALIBRATION_SIZE,) * 2)
+            with blas_threads(self._sdp.threads):
+                begin = time.perf_counter()
+                sla.eigvalsh(a + a.T, subset_by_index=[CALIBRATION_SIZE - 1] * 2)
+                self._cubic_seconds = (time.perf_counter() - begin) / CALIBRATION_SIZE ** 3
+        fixed = check = 0.0
+        for part in self._parts(chain):
+            hidden = sum(part.hidden_sizes)
+            full = part.input_size + hidden
+            solved = min(part.input_size, part.hidden_sizes[0]) + hidden
+            check += self._cubic_seconds * full ** 3
+            fixed += self._cubic_seconds * solved ** 3
+        return fixed + check, check
+
     def _row_bound(self, network: Network, chain: Chain, name: str, last: np.ndarray,
                    deadline: float | None = None) -> float:
         """The cached or solved bound; inf when `deadline` passed before the solve could start.
@@ -175,8 +205,11 @@ class LipSDPBackend(BackendBase):
         value = cache.get(name)
         if value is None:
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return math.inf
+            if left is not None:
+                fixed, check = self._fixed_seconds(chain)
+                if left <= fixed:
+                    return math.inf
+                left -= check  # the solver's share
             bound = self._solve(chain.with_last(last), left)
             value = bound.value
             if left is None or bound.verdict == Verdict.USE:

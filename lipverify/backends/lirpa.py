@@ -40,7 +40,13 @@ from lipverify.backends._margin_search import (
     run_in_chunks,
 )
 from lipverify.backends.base import BackendBase, BackendOptions
-from lipverify.errors import BackendUnavailable, InputError, LipverifyError, ModelError
+from lipverify.errors import (
+    BackendUnavailable,
+    InputError,
+    LipverifyError,
+    ModelError,
+    ResourceError,
+)
 from lipverify.network.network import Network
 from lipverify.network.torchify import has_asymmetric_padding, layers_to_module, needs_matrix_mode
 from lipverify.types import Certificate, Norm, Problem, Scope
@@ -56,6 +62,10 @@ ALPHA_MEMORY_FACTOR = 4
 REBUILD_REL_TOL = 1e-4
 # Radius of the trial bounds that check a bounded module works.
 TRIAL_EPS = 1e-3
+
+
+class OutOfTime(ResourceError):
+    """The deadline passed while an adapter was being built (not a verdict on the network)."""
 
 
 class Method(enum.Enum):
@@ -113,17 +123,20 @@ class LirpaAdapter:
         method: The method the adapter must handle (its trial bounds use it).
         use_layers: Bound the module rebuilt from the layer view (activations then match the
             layer view one to one); otherwise the original module, rebuilt only if it fails.
+        deadline: A `time.monotonic()` instant; the trial bounds stop there with `OutOfTime`.
     """
 
     def __init__(self, network: Network, options: LirpaOptions, use_layers: bool = False,
-                 method: Method = Method.CROWN) -> None:
+                 method: Method = Method.CROWN, deadline: float | None = None) -> None:
         ext = lirpa_extensions()
         self.method = method
         self._ext = ext
         self.options = options
         self.network = network
         self.device = default_device()
+        self._deadline = deadline
         self.bounded, self.source = self._build(network, use_layers)
+        self._deadline = None
 
     def _build(self, network: Network, use_layers: bool) -> tuple[Any, str]:
         reasons = []
@@ -159,6 +172,8 @@ class LirpaAdapter:
                     self._check_forward(network)
                     self._trial(network)
                 return self.bounded, source
+            except OutOfTime:
+                raise
             except Exception as exc:  # noqa: BLE001 - every failure is a reason to report
                 reasons.append(f"{source}: {type(exc).__name__}: {exc}".splitlines()[0])
         raise ModelError("auto_LiRPA cannot bound this network: " + "; ".join(reasons))
@@ -174,6 +189,8 @@ class LirpaAdapter:
         # Per-input L-inf radii are boxes, the same path as one radius; per-input L2 is not.
         regions = (linf, l2, l2.with_eps(np.array([TRIAL_EPS, 2 * TRIAL_EPS])))
         for region, method in itertools.product(regions, sorted(methods, key=str)):
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                raise OutOfTime("out of time while preparing auto_LiRPA's bounds")
             lower = self.row_bounds(region, c, method, iterations=2)
             if not np.all(np.isfinite(lower)):
                 raise ModelError(f"non-finite {method.value} bounds on a probe input")
@@ -357,12 +374,16 @@ class LirpaBackend(BackendBase):
         """None when auto_LiRPA loads here, else why not."""
         return super().availability() or lirpa_availability()
 
-    def adapter(self, network: Network) -> LirpaAdapter:
-        """The adapter of `network` (built once per network content)."""
+    def adapter(self, network: Network, deadline: float | None = None) -> LirpaAdapter:
+        """The adapter of `network` (built once per network content).
+
+        Raises `OutOfTime` (and builds again next time) when `deadline` passes during the build.
+        """
         key = network.fingerprint
         if key not in self._adapters:
             try:
-                self._adapters[key] = LirpaAdapter(network, self.options, method=self.method)
+                self._adapters[key] = LirpaAdapter(network, self.options, method=self.method,
+                                                   deadline=deadline)
             except (ModelError, BackendUnavailable) as exc:
                 self._adapters[key] = str(exc)
         found = self._adapters[key]
@@ -376,7 +397,7 @@ class LirpaBackend(BackendBase):
         if why:
             return why
         try:
-            self.adapter(network)
+            self.adapter(network, deadline_of(problem, self.options.timeout))
         except LipverifyError as exc:
             return str(exc)
         return None
@@ -385,7 +406,10 @@ class LirpaBackend(BackendBase):
         """One certificate per input: bounds at eps, and the radius when asked for."""
         start = time.perf_counter()
         deadline = deadline_of(problem, self.options.timeout)
-        adapter = self.adapter(network)
+        try:
+            adapter = self.adapter(network, deadline)
+        except OutOfTime:
+            adapter = None
         region = Region.of(problem.perturbation, problem.inputs)
         outputs = network.forward(region.centres)
         spec = Spec.build(problem.properties, network.num_outputs)
@@ -393,7 +417,7 @@ class LirpaBackend(BackendBase):
         centre = spec.combine(spec.row_values(outputs))
         eps = problem.perturbation.eps
         n = len(problem)
-        if deadline is not None and time.monotonic() > deadline:
+        if adapter is None or deadline is not None and time.monotonic() > deadline:
             outcomes = Outcomes(centre, slack, np.full(n, np.nan), np.zeros(n),
                                 np.zeros(n, bool), True)
         elif problem.want_radius and not region.is_box:
