@@ -34,10 +34,12 @@ log = logging.getLogger(__name__)
 
 # Imported once by the fork server, so each child starts without paying for them (with the
 # modules of the registered backends; a module that fails to import is skipped there).
-# torch._dynamo is imported by the first torch optimiser (alpha-CROWN, l2prop): ~2 s that would
-# otherwise be spent inside a backend's time.
-PRELOAD = ("torch", "torch._dynamo", "lipverify.vnncomp.worker", "lipverify.orchestrator",
+PRELOAD = ("torch", "lipverify.vnncomp.worker", "lipverify.orchestrator",
            "lipverify.network.load", "lipverify.network.onnx_import")
+# Imported by the first torch optimiser (alpha-CROWN, l2prop): ~2 s, which a backend running in
+# this process would spend past its deadline. Not preloaded by the fork server (its start would
+# hold up the child's).
+OPTIMISER_IMPORT = "torch._dynamo"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -101,9 +103,8 @@ class LocalBackends:
                                  f"{options.onnx_path} has {actual}")
         self.network = network
         self.backends = {b.name: b for b in _create(options)} if create else {}
-        if create:  # as the fork server does (PRELOAD): imports before the backends' time
-            for module in PRELOAD:
-                importlib.import_module(module)
+        if create:
+            importlib.import_module(OPTIMISER_IMPORT)
 
     @property
     def summaries(self) -> list[BackendSummary]:
