@@ -59,9 +59,10 @@ def optimised_bound(chain: Chain, rows: torch.Tensor, x0: torch.Tensor, rho: tor
     alphas = [t for r in relus for t in (r.initial_alpha().unsqueeze(1).expand(batch, specs, -1),
                                          r.upper_slope().unsqueeze(1).expand(batch, specs, -1))]
     alphas = [a.clone() for a in alphas]
+    lam_state: dict[int, torch.Tensor] = {}  # multipliers carried between steps
     with torch.no_grad():
         best = propagate(chain, end, rows, x0, rho, relus, _pairs(alphas), options.couple,
-                         close_early=False)
+                         close_early=False, lam_state=lam_state)
     if options.iterations <= 0 or not relus:
         return _final(chain, end, rows, x0, rho, relus, alphas, options)
     best_alphas = [a.clone() for a in alphas]
@@ -75,7 +76,7 @@ def optimised_bound(chain: Chain, rows: torch.Tensor, x0: torch.Tensor, rho: tor
         # The slopes are trained on the propagated bound alone: the early Lipschitz closings do
         # not depend on them and, inside a max, would hide their gradient.
         res = propagate(chain, end, rows, x0, rho, relus, _pairs(alphas), options.couple,
-                        close_early=False)
+                        close_early=False, lam_state=lam_state)
         bound = res.bound
         with torch.no_grad():
             better = bound > best_bound

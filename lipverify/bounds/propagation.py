@@ -51,7 +51,8 @@ Slopes = tuple[torch.Tensor, torch.Tensor]
 
 def propagate(chain: Chain, end: int, rows: torch.Tensor, x0: torch.Tensor, rho: torch.Tensor,
               relus: Sequence[ReluBounds], alphas: Sequence[Slopes] | None = None,
-              couple: bool = True, close_early: bool = True) -> Propagated:
+              couple: bool = True, close_early: bool = True,
+              lam_state: dict[int, torch.Tensor] | None = None) -> Propagated:
     """Lower bound of `rows . z_end(x)` over the ball, `z_end` the output of block `end`.
 
     Args:
@@ -66,6 +67,8 @@ def propagate(chain: Chain, end: int, rows: torch.Tensor, x0: torch.Tensor, rho:
         couple: False gives plain CROWN under L2 (no coupling term, `lam = 0`).
         close_early: also close the bound at each ReLU output by Cauchy-Schwarz around the
             centre (`p . a >= p . a(x0) - ||p|| R`) and keep the best closing.
+        lam_state: per ReLU layer the multipliers of the previous call with the same shapes
+            (read as a warm start, then overwritten); None searches from scratch.
     """
     batch, specs = rows.shape[:2]
     lam_a = rows.reshape(batch * specs, -1)
@@ -94,7 +97,10 @@ def propagate(chain: Chain, end: int, rows: torch.Tensor, x0: torch.Tensor, rho:
         sub = relu.select(idx)
         p_u, g_u = p[..., idx], g[..., idx]
         if couple:
-            lam = best_multiplier(sub, p_u.detach(), g_u.detach())
+            init = lam_state.get(k) if lam_state is not None else None
+            lam = best_multiplier(sub, p_u.detach(), g_u.detach(), init)
+            if lam_state is not None:
+                lam_state[k] = lam.detach()
         else:
             lam = torch.zeros(batch, specs, dtype=p.dtype, device=p.device)
         h = coupled_offset(sub, p_u, g_u, lam)

@@ -38,6 +38,8 @@ import torch
 
 # Newton steps (in log lam) of the multiplier search, and the largest step per iteration.
 LAMBDA_NEWTON_STEPS = 10
+# Newton steps when warm-started from the previous optimisation step's multipliers.
+LAMBDA_WARM_STEPS = 3
 LAMBDA_MAX_LOG_STEP = 4.0
 # A multiplier below this (relative to its natural scale) is treated as 0.
 LAMBDA_FLOOR = 1e-12
@@ -133,12 +135,15 @@ def coupled_offset(bounds: ReluBounds, p: torch.Tensor, g: torch.Tensor,
 
 
 @torch.no_grad()
-def best_multiplier(bounds: ReluBounds, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def best_multiplier(bounds: ReluBounds, p: torch.Tensor, g: torch.Tensor,
+                    init: torch.Tensor | None = None) -> torch.Tensor:
     """A good `lam >= 0` `(B, S)` for `coupled_offset` (a maximiser of the concave dual).
 
     The derivative of the dual in `lam` is `(sum_i (t_i* - c_i)^2 - r^2) / 2` (envelope theorem),
     decreasing in `lam`; Newton steps in `log lam` on that root, clipped, from the natural scale
-    `||p - g|| / r`. Returns 0 where the dual is already maximal at `lam = 0`.
+    `||p - g|| / r`, or from `init` (e.g. the previous optimisation step's multipliers, which
+    move little between steps) where it is positive, with fewer steps. Returns 0 where the dual
+    is already maximal at `lam = 0`. Any returned value is valid: only tightness depends on it.
     """
     # The search runs in float32 (the multiplier is not a soundness input); the final
     # comparison with lam = 0 and every offset the caller uses are float64.
@@ -153,7 +158,12 @@ def best_multiplier(bounds: ReluBounds, p: torch.Tensor, g: torch.Tensor) -> tor
                                      dim=-1)
     scale = scale / radius.unsqueeze(1).clamp(min=torch.finfo(f32).tiny)
     log_lam = torch.log(scale.clamp(min=LAMBDA_FLOOR))
-    for _ in range(LAMBDA_NEWTON_STEPS):
+    steps = LAMBDA_NEWTON_STEPS
+    if init is not None and init.shape == log_lam.shape:
+        warm = init.to(f32) > 0
+        log_lam = torch.where(warm, torch.log(init.to(f32).clamp(min=LAMBDA_FLOOR)), log_lam)
+        steps = LAMBDA_WARM_STEPS if bool(warm.all()) else LAMBDA_NEWTON_STEPS
+    for _ in range(steps):
         lam = torch.exp(log_lam).unsqueeze(-1)
         _, t = _piece_minima(p32, g32, lo, hi, c, lam)
         dist2 = (t - c) ** 2
