@@ -58,6 +58,10 @@ class LipSDPOptions(BackendOptions):
         "help": "Bound each class-pair margin f_y - f_j by its own SDP (tighter, more solves)."})
     memory_budget_gb: float = field(default=8.0, metadata={
         "help": "Refuse SDPs whose estimated memory exceeds this many GiB."})
+    max_size: int = field(default=3000, metadata={
+        "help": "Refuse SDPs whose matrix (after input reduction) has more rows: solve time "
+                "grows as n^3 (768 rows: ~25 s; 5,600 rows, a small convnet's exact matrices: "
+                "about an hour per class pair on 2 cores)."})
     split: int | None = field(default=None, metadata={
         "help": "Hidden layers per sub-network; the bound is the product of their LipSDP "
                 "bounds (None: one SDP)."})
@@ -153,6 +157,10 @@ class LipSDPBackend(BackendBase):
                         f"{est.solved_size}x{est.solved_size}, check {est.full_size}"
                         f"x{est.full_size}) > budget {self._sdp.memory_budget_gb:.2f} GiB; "
                         "use split or raise memory_budget_gb")
+            if est.solved_size > self.options.max_size:
+                return (f"LipSDP matrix {est.solved_size}x{est.solved_size} exceeds max_size "
+                        f"{self.options.max_size} (solve time grows as n^3: hours per class "
+                        "pair); use split or raise max_size")
         return None
 
     def _parts(self, chain: Chain) -> list[Chain]:

@@ -71,6 +71,8 @@ def test_supports_small_cnn_through_conv_matrices(tmp_path):
     assert LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path))).supports(cnn, problem) is None
     small = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path), memory_budget_gb=0.05))
     assert "GiB" in small.supports(cnn, problem)
+    capped = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path), max_size=100))
+    assert "exceeds max_size 100" in capped.supports(cnn, problem)
 
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
