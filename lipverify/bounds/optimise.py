@@ -2,9 +2,11 @@
 
 Each iterate's slopes (for positive and, optionally, negative coefficients), clamped to `[0, 1]`, give a valid bound and the multipliers are re-chosen
 per iterate by `best_multiplier`, so optimisation only changes tightness. The best slopes per
-objective row (each row has its own slopes) are kept, and the returned bound is one plain
-evaluation of `propagate` at those slopes, with no gradient, including the early Lipschitz
-closings (which do not depend on the slopes and are left out while training them).
+objective row (each row has its own slopes) are kept; the returned bound is, per row, the larger
+of the best bound seen (the starting slopes' included, so optimising never loosens a bound)
+and one plain evaluation of `propagate` at the best slopes with the early Lipschitz closings
+(left out while training, where inside a max they would hide the slopes' gradient). Each
+candidate is a sound lower bound, hence so is their maximum.
 """
 
 from __future__ import annotations
@@ -61,26 +63,27 @@ def optimised_bound(chain: Chain, rows: torch.Tensor, x0: torch.Tensor, rho: tor
     alphas = [a.clone() for a in alphas]
     lam_state: dict[int, torch.Tensor] = {}  # multipliers carried between steps
     with torch.no_grad():
-        best = propagate(chain, end, rows, x0, rho, relus, _pairs(alphas), options.couple,
-                         close_early=False, lam_state=lam_state)
+        initial = propagate(chain, end, rows, x0, rho, relus, _pairs(alphas), options.couple,
+                            close_early=True, lam_state=lam_state)
     if options.iterations <= 0 or not relus:
-        return _final(chain, end, rows, x0, rho, relus, alphas, options)
+        return initial
     best_alphas = [a.clone() for a in alphas]
-    best_bound = best.bound.clone()
+    best_bound, best_mag = initial.bound.clone(), initial.magnitude.clone()
     params = [a.requires_grad_() for i, a in enumerate(alphas) if options.upper or i % 2 == 0]
     opt = torch.optim.Adam(params, lr=options.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, options.lr_decay)
     for _ in range(options.iterations):
         if options.deadline is not None and time.monotonic() > options.deadline:
             break
-        # The slopes are trained on the propagated bound alone: the early Lipschitz closings do
-        # not depend on them and, inside a max, would hide their gradient.
+        # The slopes are trained on the propagated bound alone: the early Lipschitz closings
+        # inside a max would hide their gradient.
         res = propagate(chain, end, rows, x0, rho, relus, _pairs(alphas), options.couple,
                         close_early=False, lam_state=lam_state)
         bound = res.bound
         with torch.no_grad():
             better = bound > best_bound
             best_bound = torch.where(better, bound, best_bound)
+            best_mag = torch.where(better, res.magnitude, best_mag)
             for a, b in zip(alphas, best_alphas, strict=True):
                 b.copy_(torch.where(better.unsqueeze(-1), a.clamp(0, 1), b))
             if target is not None:
@@ -97,7 +100,15 @@ def optimised_bound(chain: Chain, rows: torch.Tensor, x0: torch.Tensor, rho: tor
         with torch.no_grad():
             for a in params:
                 a.clamp_(0.0, 1.0)
-    return _final(chain, end, rows, x0, rho, relus, best_alphas, options)
+    tracked = Propagated(best_bound.detach(), best_mag.detach())
+    return _best_of(tracked, _final(chain, end, rows, x0, rho, relus, best_alphas, options))
+
+
+def _best_of(a: Propagated, b: Propagated) -> Propagated:
+    """Per row the larger of two sound lower bounds, with the magnitude behind it."""
+    take_b = b.bound > a.bound
+    return Propagated(torch.where(take_b, b.bound, a.bound),
+                      torch.where(take_b, b.magnitude, a.magnitude))
 
 
 @torch.no_grad()
