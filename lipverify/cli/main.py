@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -39,9 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit code."""
+    """Run a command line; returns the exit code (what tests and embedding code call)."""
+    return _dispatch(argv)[0]
+
+
+def console() -> None:
+    """Entry point of the console script: `main`, then exit.
+
+    A command that sets `args.fast_exit` (a VNN-COMP instance, whose result file is written and
+    whose clock includes process exit) ends without the interpreter's teardown of torch and
+    onnxruntime, which takes a second or more on a loaded machine.
+    """
+    code, args = _dispatch(None)
+    if getattr(args, "fast_exit", False):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _dispatch(argv: Sequence[str] | None) -> tuple[int, argparse.Namespace | None]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return _run(parser, args), args
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
@@ -66,4 +90,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
