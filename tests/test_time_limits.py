@@ -58,14 +58,6 @@ def allowed(limit: float) -> float:
     return 1.1 * limit + 1.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray]:
     return load_data("digits", limit=200)

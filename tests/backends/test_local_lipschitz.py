@@ -24,14 +24,6 @@ N_INPUTS = 30
 EPS = {Norm.LINF: 0.02, Norm.L2: 0.3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data():
     return load_data("digits", limit=N_INPUTS)
