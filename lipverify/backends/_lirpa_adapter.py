@@ -1,0 +1,317 @@
+"""auto_LiRPA behind one adapter: the only importer of auto_LiRPA (with `_lirpa_compat`).
+
+`LirpaAdapter` wraps one network: it translates lipverify's regions into `PerturbationLpNorm`s
+(per-input radii included), maps `Method` to auto_LiRPA's names, splits batches to fit a memory
+budget, stops at deadlines, and returns NumPy lower bounds on property rows `C y` and
+pre-activation bounds. The `lirpa`, `alpha-crown` and `local` backends build on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import enum
+import io
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lipverify.backends._lirpa_compat import (
+    lirpa_extensions,
+    quiet_lirpa,
+)
+from lipverify.backends._margin_search import (
+    Region,
+    run_in_chunks,
+)
+from lipverify.backends.base import BackendOptions
+from lipverify.errors import (
+    InputError,
+    ModelError,
+    ResourceError,
+)
+from lipverify.network.network import Network
+from lipverify.network.torchify import has_asymmetric_padding, layers_to_module, needs_matrix_mode
+from lipverify.types import Norm
+
+log = logging.getLogger(__name__)
+
+# Bytes auto_LiRPA keeps per input and per (spec row x input feature) of the widest
+# back-substitution (lower and upper A matrices plus temporaries), and the extra for alpha-CROWN
+# (the alphas, their gradients and Adam's moments).
+BYTES_PER_ENTRY = 4 * 8
+ALPHA_MEMORY_FACTOR = 4
+# A rebuilt module must reproduce the network's outputs to this relative accuracy.
+REBUILD_REL_TOL = 1e-4
+# Radius of the trial bounds that check a bounded module works.
+TRIAL_EPS = 1e-3
+
+
+class OutOfTime(ResourceError):
+    """The deadline passed while an adapter was being built (not a verdict on the network)."""
+
+
+class Method(enum.Enum):
+    """Bound propagation method; the values are auto_LiRPA's names (mapped only here)."""
+
+    IBP = "IBP"
+    CROWN = "CROWN"
+    ALPHA_CROWN = "alpha-CROWN"
+
+
+def _help(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class LirpaOptions(BackendOptions):
+    """Options of the auto_LiRPA backends (`help` metadata documents each for configs)."""
+
+    method: str | None = _help(None, "Bound method: IBP, CROWN or alpha-CROWN (empty: the "
+                                     "backend's own).")
+    batch_size: int = _help(512, "Most inputs per auto_LiRPA call.")
+    memory_budget_gb: float = _help(2.0, "Memory one call may use; larger batches are split.")
+    radius_rel_tol: float = _help(0.01, "Relative width of the bracket a radius search stops at.")
+    alpha_iterations: int = _help(20, "Optimisation steps of alpha-CROWN.")
+    alpha_lr: float = _help(0.5, "Learning rate of the alpha optimisation.")
+    sparse_intermediate: bool = _help(False, "Use auto_LiRPA's sparse intermediate bounds: "
+                                             "faster on convnets, but an input's bound then "
+                                             "depends on the rest of its batch.")
+
+
+def parse_method(value: str | Method | None, default: Method) -> Method:
+    """The `Method` an option names (`default` when empty)."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, Method):
+        return value
+    for method in Method:
+        if str(value).lower() in (method.value.lower(), method.name.lower()):
+            return method
+    raise InputError(f"unknown bound method {value!r}: use one of "
+                     f"{', '.join(m.value for m in Method)}")
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LirpaAdapter:
+    """auto_LiRPA around one network.
+
+    Args:
+        network: The network to bound.
+        options: Batch size, memory budget and alpha-CROWN settings.
+        method: The method the adapter must handle (its trial bounds use it).
+        use_layers: Bound the module rebuilt from the layer view (activations then match the
+            layer view one to one); otherwise the original module, rebuilt only if it fails.
+        deadline: A `time.monotonic()` instant; the trial bounds stop there with `OutOfTime`.
+    """
+
+    def __init__(self, network: Network, options: LirpaOptions, use_layers: bool = False,
+                 method: Method = Method.CROWN, deadline: float | None = None) -> None:
+        ext = lirpa_extensions()
+        self.method = method
+        self._ext = ext
+        self.options = options
+        self.network = network
+        self.device = default_device()
+        self._deadline = deadline
+        self.bounded, self.source = self._build(network, use_layers)
+        self._deadline = None
+
+    def _build(self, network: Network, use_layers: bool) -> tuple[Any, str]:
+        reasons = []
+        candidates: list[tuple[str, Callable[[], torch.nn.Module]]] = []
+        if not use_layers and not isinstance(network.module, torch.fx.GraphModule):
+            candidates.append(("module", lambda: copy.deepcopy(network.module)))
+        if network.layers is not None:
+            if has_asymmetric_padding(network.layers):
+                reasons.append("layers: asymmetric padding (auto_LiRPA 0.3 cannot bound ZeroPad2d)")
+            else:
+                candidates.append(("layers", lambda: layers_to_module(network.layers,
+                                                                      network.input_shape)))
+        elif use_layers:
+            reasons.append(f"no layer view ({network.unsupported})")
+        matrix = network.layers is not None and needs_matrix_mode(network.layers)
+        # Sparse alphas crash 0.3 on convnets; per-position conv alphas cost 4x for nothing.
+        opts = {"conv_mode": "matrix" if matrix else "patches", "sparse_features_alpha": False,
+                "sparse_spec_alpha": False, "use_full_conv_alpha": False,
+                "sparse_intermediate_bounds": self.options.sparse_intermediate,
+                "sparse_conv_intermediate_bounds": self.options.sparse_intermediate}
+        for source, make in candidates:
+            try:
+                with quiet_lirpa():
+                    module = make().float().eval().to(self.device)
+                    dummy = torch.zeros((1, *network.input_shape), device=self.device)
+                    self.bounded = self._ext.Bounded(module, dummy, bound_opts=dict(opts),
+                                                     device=self.device)
+                    ops = self._ext.lirpa.bound_ops
+                    kinds = (ops.BoundRelu, ops.BoundLeakyRelu, ops.BoundTanh)  # sigmoid: a tanh
+                    self.activations = [n for n in self.bounded._modules.values()
+                                        if isinstance(n, kinds)]
+                    self._entries = self._widest_entries()
+                    self._check_forward(network)
+                    self._trial(network)
+                return self.bounded, source
+            except OutOfTime:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure is a reason to report
+                reasons.append(f"{source}: {type(exc).__name__}: {exc}".splitlines()[0])
+        raise ModelError("auto_LiRPA cannot bound this network: " + "; ".join(reasons))
+
+    def _trial(self, network: Network) -> None:
+        """Bounds on two probe inputs under each norm, one and per-input radii, by CROWN (and
+        alpha-CROWN when asked for): some operations build fine and fail only when bounded."""
+        probe = np.random.default_rng(0).random((2, *network.input_shape))
+        c = np.eye(network.num_outputs)[None, :1].repeat(2, axis=0)
+        methods = {Method.CROWN, self.method}
+        linf = Region(probe, Norm.LINF, np.full(2, TRIAL_EPS))
+        l2 = Region(probe, Norm.L2, np.full(2, TRIAL_EPS))
+        # Per-input L-inf radii are boxes, the same path as one radius; per-input L2 is not.
+        regions = (linf, l2, l2.with_eps(np.array([TRIAL_EPS, 2 * TRIAL_EPS])))
+        for region, method in itertools.product(regions, sorted(methods, key=str)):
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                raise OutOfTime("out of time while preparing auto_LiRPA's bounds")
+            lower = self.row_bounds(region, c, method, iterations=2)
+            if not np.all(np.isfinite(lower)):
+                raise ModelError(f"non-finite {method.value} bounds on a probe input")
+
+    def _check_forward(self, network: Network) -> None:
+        probe = torch.rand((4, *network.input_shape), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            got = self.bounded(probe.to(self.device)).reshape(4, -1).double().cpu().numpy()
+        want = network.forward(probe.numpy())
+        scale = 1.0 + np.abs(want).max()
+        if got.shape != want.shape or np.abs(got - want).max() > REBUILD_REL_TOL * scale:
+            raise ModelError("the bounded module does not reproduce the network's outputs")
+
+    def _widest_entries(self) -> int:
+        sizes = [math.prod(self.network.input_shape)]
+        total = 0
+        for node in self.activations:
+            shape = getattr(node.inputs[0], "output_shape", None)
+            width = math.prod(shape[1:]) if shape is not None else sizes[-1]
+            total += width * max(sizes)
+            sizes.append(width)
+        return total + self.network.num_outputs * max(sizes)
+
+    def chunk_size(self, method: Method) -> int:
+        """Inputs per call that fit the memory budget (and the batch size)."""
+        per_input = BYTES_PER_ENTRY * self._entries
+        if method == Method.ALPHA_CROWN:
+            per_input *= ALPHA_MEMORY_FACTOR
+        fits = int(self.options.memory_budget_gb * 2 ** 30 // max(per_input, 1))
+        return max(1, min(self.options.batch_size, fits))
+
+    def _bounded_tensor(self, region: Region) -> Any:
+        ext = self._ext
+        x = torch.as_tensor(region.centres, dtype=torch.float32, device=self.device)
+        x = x.reshape((len(region), *self.network.input_shape))
+        if region.is_box:
+            lo, hi = (torch.as_tensor(a, dtype=torch.float32, device=self.device).reshape(x.shape)
+                      for a in (region.lower, region.upper))
+            ptb = ext.lirpa.PerturbationLpNorm(norm=np.inf, eps=float(region.eps.max()),
+                                               x_L=lo, x_U=hi)
+        elif region.uniform:
+            norm = np.inf if region.norm == Norm.LINF else 2
+            ptb = ext.lirpa.PerturbationLpNorm(norm=norm, eps=float(region.eps[0]))
+        elif region.norm == Norm.LINF:
+            eps = torch.as_tensor(region.eps, dtype=torch.float32, device=self.device)
+            eps = eps.view(-1, *([1] * (x.dim() - 1)))
+            ptb = ext.lirpa.PerturbationLpNorm(norm=np.inf, eps=float(region.eps.max()),
+                                               x_L=x - eps, x_U=x + eps)
+        else:
+            eps = torch.as_tensor(region.eps, dtype=torch.float32, device=self.device)
+            ptb = ext.PerInputLpNorm(norm=2, eps=eps.view(-1, 1))
+        return ext.lirpa.BoundedTensor(x, ptb)
+
+    def _configure(self, method: Method, region: Region, deadline: float | None = None) -> None:
+        # Sparse intermediate bounds take reference bounds from interval arithmetic, which
+        # auto_LiRPA computes for convolutions with a scalar L2 radius only.
+        per_input_l2 = not region.uniform and not region.is_box and region.norm == Norm.L2
+        self.bounded.bound_opts["sparse_intermediate_bounds_with_ibp"] = not per_input_l2
+        if method == Method.ALPHA_CROWN:
+            self.bounded.set_bound_opts({"optimize_bound_args": {
+                "iteration": self.options.alpha_iterations, "lr_alpha": self.options.alpha_lr,
+                "stop_criterion_func": _stop_at(deadline)}})
+
+    def _bounds(self, x: Any, method: Method, **kwargs: Any) -> Any:
+        grad = torch.enable_grad() if method == Method.ALPHA_CROWN else torch.no_grad()
+        # alpha-CROWN prints its early stops ("all verified at ...") on stdout: keep it clean.
+        with grad, contextlib.redirect_stdout(io.StringIO()):
+            return self.bounded.compute_bounds(x=(x,), method=method.value, **kwargs)
+
+    def row_bounds(self, region: Region, c: np.ndarray, method: Method,
+                   iterations: int | None = None, deadline: float | None = None) -> np.ndarray:
+        """Lower bounds of `C y` over each input's region (shape `(B, rows)`, float64).
+
+        `iterations` overrides the alpha-CROWN steps (the trial bounds use two). Past
+        `deadline` (`time.monotonic()`), alpha-CROWN stops optimising and returns the best
+        bounds so far (every iterate's bound is sound).
+        """
+        if c.shape[1] == 0:
+            return np.zeros((len(region), 0))
+        if method == Method.IBP and region.norm == Norm.L2 and not region.uniform:
+            # auto_LiRPA's interval bounds of a convolution take one scalar L2 radius: one call
+            # per input (interval arithmetic is cheap).
+            return np.concatenate([self.row_bounds(
+                Region(region.centres[i:i + 1], Norm.L2, region.eps[i:i + 1]), c[i:i + 1],
+                method) for i in range(len(region))])
+        self._configure(method, region, deadline)
+        if iterations is not None and method == Method.ALPHA_CROWN:
+            self.bounded.set_bound_opts({"optimize_bound_args": {"iteration": iterations}})
+
+        def run(index: np.ndarray) -> np.ndarray:
+            x = self._bounded_tensor(region.subset(index))
+            cm = torch.as_tensor(c[index], dtype=torch.float32, device=self.device)
+            lower, _ = self._bounds(x, method, C=cm, bound_upper=False)
+            return lower.detach().double().cpu().numpy()
+
+        return run_in_chunks(run, len(region), self.chunk_size(method), self.device)
+
+    def preactivation_bounds(self, region: Region) -> list[tuple[np.ndarray, np.ndarray]]:
+        """CROWN bounds on the input of every activation, in network order.
+
+        Each pair holds lower and upper bounds shaped `(B, features)` (float64).
+        """
+        if not self.activations:
+            return []
+        self._configure(Method.CROWN, region)
+
+        def run(index: np.ndarray) -> np.ndarray:
+            # Bounding the whole output fills every pre-activation on the way (stopping at the
+            # last pre-activation fails when that is a convolution in patches mode).
+            x = self._bounded_tensor(region.subset(index))
+            self._bounds(x, Method.CROWN, bound_upper=False)
+            flat = [torch.cat([a.inputs[0].lower.reshape(len(index), -1),
+                               a.inputs[0].upper.reshape(len(index), -1)], dim=1)
+                    for a in self.activations]
+            return torch.cat(flat, dim=1).double().cpu().numpy()
+
+        packed = run_in_chunks(run, len(region), self.chunk_size(Method.CROWN), self.device)
+        out = []
+        offset = 0
+        for act in self.activations:
+            width = math.prod(act.inputs[0].output_shape[1:])
+            out.append((packed[:, offset:offset + width],
+                        packed[:, offset + width:offset + 2 * width]))
+            offset += 2 * width
+        return out
+
+
+def _stop_at(deadline: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """auto_LiRPA's alpha-CROWN stop criterion: every bound "done" once `deadline` passed."""
+    def stop(lower: torch.Tensor) -> torch.Tensor:
+        late = deadline is not None and time.monotonic() > deadline
+        return torch.full_like(lower, late, dtype=torch.bool)
+
+    return stop
