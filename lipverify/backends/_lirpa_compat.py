@@ -16,7 +16,7 @@ stdout handler to the root logger and resets the warning filters.
 
 Patches are applied only when needed and at most once (each checks before it changes anything).
 `lirpa_extensions` adds two small subclasses that give auto_LiRPA 0.3 balls with one radius per
-input. Only this module and `lipverify.backends.lirpa` touch auto_LiRPA.
+input. Only this module and `lipverify.backends._lirpa_adapter` touch auto_LiRPA.
 """
 
 from __future__ import annotations

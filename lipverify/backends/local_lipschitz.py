@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from lipverify.backends._lirpa_adapter import LirpaAdapter, LirpaOptions
 from lipverify.backends._lirpa_compat import MODULE, lirpa_availability
 from lipverify.backends._local_jacobian import DENSE_NORM_LIMIT, LocalJacobian, slope_interval
 from lipverify.backends._margin_search import (
@@ -58,7 +59,6 @@ from lipverify.backends._margin_search import (
     first_radius,
 )
 from lipverify.backends.base import BackendBase, BackendOptions
-from lipverify.backends.lirpa import LirpaAdapter, LirpaOptions
 from lipverify.errors import BackendUnavailable, LipverifyError, ModelError
 from lipverify.margins import LIPSCHITZ_REL_SLACK
 from lipverify.network.layers import Activation, Conv, Dense, Reshape, Residual, Shift
