@@ -259,6 +259,11 @@ class Problem:
                        deadline)
 
 
+def deadline_passed(deadline: float | None) -> bool:
+    """True once `deadline` (a `time.monotonic()` instant; None: never) has passed."""
+    return deadline is not None and time.monotonic() > deadline
+
+
 def _clean(value: Any) -> Any:
     """Make a value JSON-friendly (NumPy to Python, inf/nan to strings)."""
     if isinstance(value, Mapping):

@@ -15,7 +15,6 @@ import io
 import itertools
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +38,7 @@ from lipverify.errors import (
 )
 from lipverify.network.network import Network
 from lipverify.network.torchify import has_asymmetric_padding, layers_to_module, needs_matrix_mode
-from lipverify.types import Norm
+from lipverify.types import Norm, deadline_passed
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +178,7 @@ class LirpaAdapter:
         # Per-input L-inf radii are boxes, the same path as one radius; per-input L2 is not.
         regions = (linf, l2, l2.with_eps(np.array([TRIAL_EPS, 2 * TRIAL_EPS])))
         for region, method in itertools.product(regions, sorted(methods, key=str)):
-            if self._deadline is not None and time.monotonic() > self._deadline:
+            if deadline_passed(self._deadline):
                 raise OutOfTime("out of time while preparing auto_LiRPA's bounds")
             lower = self.row_bounds(region, c, method, iterations=2)
             if not np.all(np.isfinite(lower)):
@@ -311,7 +310,7 @@ class LirpaAdapter:
 def _stop_at(deadline: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """auto_LiRPA's alpha-CROWN stop criterion: every bound "done" once `deadline` passed."""
     def stop(lower: torch.Tensor) -> torch.Tensor:
-        late = deadline is not None and time.monotonic() > deadline
+        late = deadline_passed(deadline)
         return torch.full_like(lower, late, dtype=torch.bool)
 
     return stop

@@ -18,7 +18,15 @@ import torch
 
 from lipverify.errors import InputError, ResourceError
 from lipverify.margins import forward_error
-from lipverify.types import Certificate, Norm, Perturbation, Problem, Property, Status
+from lipverify.types import (
+    Certificate,
+    Norm,
+    Perturbation,
+    Problem,
+    Property,
+    Status,
+    deadline_passed,
+)
 
 # Radius search: how far the first probe may be halved or doubled before giving up.
 MAX_HALVINGS = 20
@@ -205,7 +213,7 @@ def bisect_radius(margins_at: Callable[[np.ndarray, np.ndarray], np.ndarray], fi
         hopeless = (lo == 0) & (hi <= floor)
         unbounded = (hi == np.inf) & (lo >= cap)
         active = ~(bracketed | hopeless | unbounded) & (first > 0)
-        if not active.any() or (deadline is not None and time.monotonic() > deadline):
+        if not active.any() or deadline_passed(deadline):
             break
         up = np.where(lo > 0, lo * (1 + steps), first)
         probe = np.where(hi == np.inf, up, np.where(lo == 0, hi / 2, (lo + hi) / 2))

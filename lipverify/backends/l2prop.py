@@ -41,7 +41,7 @@ from lipverify.bounds.operator import BlockNorms, block_norms
 from lipverify.bounds.optimise import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_LR_DECAY
 from lipverify.errors import ModelError
 from lipverify.network.network import Network
-from lipverify.types import Certificate, Norm, Problem, Scope, Status
+from lipverify.types import Certificate, Norm, Problem, Scope, Status, deadline_passed
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class L2PropBackend(BackendBase):
         out = self._pass(network, problem, eps, inter, deadline)
         failing = np.flatnonzero(~(out > 0))
         if escalate and opts.escalate and inter.budget is not None and len(failing) \
-                and not _passed(deadline):
+                and not deadline_passed(deadline):
             full = dataclasses.replace(inter, budget=None)
             again = self._pass(network, problem.subset(failing), eps[failing], full, deadline)
             log.info("l2prop: escalated %d inputs, %d now verified", len(failing),
@@ -175,7 +175,7 @@ class L2PropBackend(BackendBase):
         torch.manual_seed(opts.seed)
         for start in range(0, len(problem), opts.batch_size):
             idx = np.arange(start, min(start + opts.batch_size, len(problem)))
-            if _passed(deadline):
+            if deadline_passed(deadline):
                 out[idx] = -np.inf
                 continue
             rowset = RowSet.from_properties([problem.properties[i] for i in idx])
@@ -200,7 +200,7 @@ class L2PropBackend(BackendBase):
         radii = np.where(margins > 0, eps, 0.0)
         if problem.want_radius:
             radii = self._radii(network, problem, margins, deadline)
-        late = _passed(deadline)
+        late = deadline_passed(deadline)
         per = (time.perf_counter() - start) / max(len(problem), 1)
         certs = []
         for m, r in zip(margins, radii, strict=True):
@@ -223,22 +223,17 @@ class L2PropBackend(BackendBase):
         hi = np.where(at_eps > 0, eps * RADIUS_GROWTH, eps if eps > 0 else 1.0)
         growing = np.flatnonzero(at_eps > 0)
         for _ in range(RADIUS_MAX_GROWTHS):
-            if not len(growing) or _passed(deadline):
+            if not len(growing) or deadline_passed(deadline):
                 break
             ok = self.margins(network, problem.subset(growing), hi[growing], deadline) > 0
             lo[growing[ok]] = hi[growing[ok]]
             hi[growing[ok]] *= RADIUS_GROWTH
             growing = growing[ok]
         for _ in range(self.options.radius_steps):
-            if _passed(deadline):
+            if deadline_passed(deadline):
                 break
             mid = (lo + hi) / 2
             ok = self.margins(network, problem, mid, deadline) > 0
             lo = np.where(ok, mid, lo)
             hi = np.where(ok, hi, mid)
         return lo
-
-
-def _passed(deadline: float | None) -> bool:
-    """True once `deadline` (`time.monotonic()`) has passed."""
-    return deadline is not None and time.monotonic() > deadline

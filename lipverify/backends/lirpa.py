@@ -38,7 +38,7 @@ from lipverify.errors import (
     ModelError,
 )
 from lipverify.network.network import Network
-from lipverify.types import Certificate, Norm, Problem, Scope
+from lipverify.types import Certificate, Norm, Problem, Scope, deadline_passed
 
 log = logging.getLogger(__name__)
 
@@ -133,18 +133,18 @@ class LirpaBackend(BackendBase):
         centre = spec.combine(spec.row_values(outputs))
         eps = problem.perturbation.eps
         n = len(problem)
-        if adapter is None or deadline is not None and time.monotonic() > deadline:
+        if adapter is None or deadline_passed(deadline):
             outcomes = Outcomes(centre, slack, np.full(n, np.nan), np.zeros(n),
                                 np.zeros(n, bool), True)
         elif problem.want_radius and not region.is_box:
             radius, margin = self.radii(adapter, region, spec, slack, centre > slack, eps,
                                         deadline)
-            late = deadline is not None and time.monotonic() > deadline
+            late = deadline_passed(deadline)
             outcomes = Outcomes(centre, slack, margin, radius, (radius >= eps) & (radius > 0),
                                 late)
         else:
             margin = self.margins(adapter, region, spec, self.method, deadline) - slack
-            late = deadline is not None and time.monotonic() > deadline
+            late = deadline_passed(deadline)
             outcomes = Outcomes(centre, slack, margin, np.where(margin > 0, eps, 0.0),
                                 margin > 0, late)
         seconds = (time.perf_counter() - start) / max(n, 1)

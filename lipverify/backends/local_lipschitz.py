@@ -64,7 +64,7 @@ from lipverify.margins import LIPSCHITZ_REL_SLACK
 from lipverify.network.layers import Activation, Conv, Dense, Reshape, Residual, Shift
 from lipverify.network.network import Network
 from lipverify.norms import LayerBound, layer_bound, network_bounds
-from lipverify.types import Certificate, Norm, Problem, Scope
+from lipverify.types import Certificate, Norm, Problem, Scope, deadline_passed
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ class LocalLipschitzBackend(BackendBase):
 
         searchable = centre > slack
         n = len(problem)
-        if deadline is not None and time.monotonic() > deadline:
+        if deadline_passed(deadline):
             outcomes = Outcomes(centre, slack, np.full(n, np.nan), np.zeros(n),
                                 np.zeros(n, bool), True)
         elif problem.want_radius and not region.is_box:
@@ -313,7 +313,7 @@ class LocalLipschitzBackend(BackendBase):
             radius, at_first = bisect_radius(margins_at, first, self.options.radius_rel_tol,
                                              None, deadline)
             radius = np.maximum(radius, reach)
-            late = deadline is not None and time.monotonic() > deadline
+            late = deadline_passed(deadline)
             outcomes = Outcomes(centre, slack, np.where(first == eps, at_first, np.nan), radius,
                                 (radius >= eps) & (radius > 0), late)
         else:

@@ -11,7 +11,6 @@ candidate is a sound lower bound, hence so is their maximum.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch
 from lipverify.bounds.chain import Chain
 from lipverify.bounds.propagation import Propagated, propagate
 from lipverify.bounds.relaxation import ReluBounds
+from lipverify.types import deadline_passed
 
 DEFAULT_ITERATIONS = 60
 DEFAULT_LR = 0.5
@@ -73,7 +73,7 @@ def optimised_bound(chain: Chain, rows: torch.Tensor, x0: torch.Tensor, rho: tor
     opt = torch.optim.Adam(params, lr=options.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, options.lr_decay)
     for _ in range(options.iterations):
-        if options.deadline is not None and time.monotonic() > options.deadline:
+        if deadline_passed(options.deadline):
             break
         # The slopes are trained on the propagated bound alone: the early Lipschitz closings
         # inside a max would hide their gradient.
