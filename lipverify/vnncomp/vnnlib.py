@@ -13,16 +13,24 @@ violation set for `unsat`, and every counterexample is re-checked before `sat` i
 linear arithmetic with `+`, `-`, `*` by constants and `/` by constants. Input constraints must
 bound single inputs (a box); a constraint mixing inputs and outputs is rejected. Errors name the
 line.
+
+Numbers are read exactly (as fractions) and each input bound is rounded outward to float64:
+lower bounds down, upper bounds up, whenever the decimal (or the quotient of a scaled bound) has
+no exact float64 value. So the stored box always contains the box the file describes, and
+`SpecCase.rounded_out` gives the same guarantee for float32 arrays (what the backends compute
+with).
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import itertools
 import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
@@ -77,6 +85,17 @@ class SpecCase:
         """Centre of the box."""
         return (self.lower + self.upper) / 2
 
+    def rounded_out(self, dtype: type[np.floating] = np.float32) -> SpecCase:
+        """The same case on the smallest box of `dtype` values that contains this box.
+
+        Its bounds (float64 arrays holding `dtype` values) survive any later conversion to
+        `dtype` or float64 unchanged, so a backend computing in float32 still bounds a region
+        containing the whole box; and a box float32 cannot represent (lower == upper == 0.1)
+        gets the float32 neighbours on either side.
+        """
+        lower, upper = round_outward(self.lower, self.upper, dtype)
+        return SpecCase(lower, upper, self.prop)
+
 
 @dataclass(frozen=True)
 class VnnlibSpec:
@@ -90,10 +109,10 @@ class VnnlibSpec:
 
 @dataclass(frozen=True)
 class _Linear:
-    """`sum coef[v] * v + const`, with `v` a ("X" or "Y", index) pair."""
+    """`sum coef[v] * v + const`, with `v` a ("X" or "Y", index) pair, in exact fractions."""
 
-    coef: dict[tuple[str, int], float]
-    const: float
+    coef: dict[tuple[str, int], Fraction]
+    const: Fraction
 
 
 @dataclass(frozen=True)
@@ -102,6 +121,38 @@ class _Atom:
 
     expr: _Linear
     line: int
+
+
+def round_outward(lower: np.ndarray, upper: np.ndarray,
+                  dtype: type[np.floating] = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest box of `dtype` values containing `[lower, upper]`, as float64 arrays."""
+    lower = np.asarray(lower, dtype=np.float64)
+    upper = np.asarray(upper, dtype=np.float64)
+    with np.errstate(over="ignore"):  # a bound beyond dtype's range becomes infinite
+        lo, hi = lower.astype(dtype), upper.astype(dtype)
+    # ^ round to nearest, then one step outward wherever that landed inside the box
+    lo = np.where(lo.astype(np.float64) > lower, np.nextafter(lo, dtype(-np.inf)), lo)
+    hi = np.where(hi.astype(np.float64) < upper, np.nextafter(hi, dtype(np.inf)), hi)
+    return lo.astype(np.float64), hi.astype(np.float64)
+
+
+def _to_float(value: Fraction, direction: int) -> float:
+    """`value` as a float: the nearest (0), the largest not above (-1), the smallest not below (1)."""
+    try:
+        out = float(value)  # correctly rounded
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+    if direction < 0 and Fraction(out) > value:
+        out = math.nextafter(out, -math.inf)
+    elif direction > 0 and Fraction(out) < value:
+        out = math.nextafter(out, math.inf)
+    return out
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _numeral(text: str) -> Fraction:
+    """The exact value of a numeral (files repeat the same few hundred values)."""
+    return Fraction(text)
 
 
 def tokenize(text: str) -> list[Token]:
@@ -167,29 +218,29 @@ class _Translator:
     def linear(self, node: SExpr | Token, line: int) -> _Linear:
         if isinstance(node, Token):
             if _NUMERAL.match(node.text):
-                return _Linear({}, float(node.text))
+                return _Linear({}, _numeral(node.text))
             if node.text not in self.declared:
                 raise self.error(f"undeclared variable {node.text!r}", node.line)
-            return _Linear({self.declared[node.text]: 1.0}, 0.0)
+            return _Linear({self.declared[node.text]: Fraction(1)}, Fraction(0))
         op, args = self.head(node), [self.linear(a, node.line) for a in node.items[1:]]
         if not args:
             raise self.error(f"{op!r} needs arguments", node.line)
         if op == "+":
-            return _sum(args, [1.0] * len(args))
+            return _sum(args, [1] * len(args))
         if op == "-":
-            signs = [-1.0] if len(args) == 1 else [1.0] + [-1.0] * (len(args) - 1)
+            signs = [-1] if len(args) == 1 else [1] + [-1] * (len(args) - 1)
             return _sum(args, signs)
         if op == "*":
             variable = [a for a in args if a.coef]
             if len(variable) > 1:
                 raise self.error("product of two variables is not linear", node.line)
-            factor = math.prod(a.const for a in args if not a.coef)
-            base = variable[0] if variable else _Linear({}, 1.0)
+            factor = math.prod((a.const for a in args if not a.coef), start=Fraction(1))
+            base = variable[0] if variable else _Linear({}, Fraction(1))
             return _sum([base], [factor])
         if op == "/":
             if len(args) != 2 or args[1].coef or args[1].const == 0:
                 raise self.error("'/' must divide by a non-zero constant", node.line)
-            return _sum([args[0]], [1.0 / args[1].const])
+            return _sum([args[0]], [1 / args[1].const])
         raise self.error(f"unsupported arithmetic operator {op!r}", node.line)
 
     def formula(self, node: SExpr | Token) -> list[list[_Atom]]:
@@ -206,20 +257,22 @@ class _Translator:
             if len(args) != 2:
                 raise self.error(f"{op!r} takes two arguments, got {len(args)}", node.line)
             lhs, rhs = (self.linear(a, node.line) for a in args)
-            le = [_Atom(_sum([lhs, rhs], [1.0, -1.0]), node.line)] if op not in (">=", ">") else []
-            ge = [_Atom(_sum([rhs, lhs], [1.0, -1.0]), node.line)] if op not in ("<=", "<") else []
+            le = [_Atom(_sum([lhs, rhs], [1, -1]), node.line)] if op not in (">=", ">") else []
+            ge = [_Atom(_sum([rhs, lhs], [1, -1]), node.line)] if op not in ("<=", "<") else []
             return [le + ge]
         raise self.error(f"unsupported connective or comparison {op!r}", node.line)
 
 
-def _sum(parts: Iterable[_Linear], weights: Iterable[float]) -> _Linear:
-    coef: dict[tuple[str, int], float] = {}
-    const = 0.0
+def _sum(parts: Iterable[_Linear], weights: Iterable[int | Fraction]) -> _Linear:
+    coef: dict[tuple[str, int], Fraction] = {}
+    const = Fraction(0)
     for part, w in zip(parts, weights, strict=True):
+        # ^ fraction arithmetic is slow: skip the products by 1 and the sums of 0 (most of them)
         for key, value in part.coef.items():
-            coef[key] = coef.get(key, 0.0) + w * value
-        const += w * part.const
-    return _Linear({k: v for k, v in coef.items() if v != 0.0}, const)
+            coef[key] = coef.get(key, 0) + (value if w == 1 else w * value)
+        if part.const:
+            const += part.const if w == 1 else w * part.const
+    return _Linear({k: v for k, v in coef.items() if v != 0}, const)
 
 
 def _product(dnfs: Sequence[list[list[_Atom]]], line: int, source: str) -> list[list[_Atom]]:
@@ -263,18 +316,16 @@ class _Builder:
                     raise VnnlibError("input constraint on several inputs is not a box",
                                       atom.line, self.source)
                 ((_, i), a), = atom.expr.coef.items()
-                bound = -atom.expr.const / a
+                bound = -atom.expr.const / a  # exact: rounded outward only once, here
                 if a > 0:
-                    bound = bound if abs(a) == 1 else float(np.nextafter(bound, np.inf))
-                    upper[i] = min(upper[i], bound)
+                    upper[i] = min(upper[i], _to_float(bound, 1))
                 else:
-                    bound = bound if abs(a) == 1 else float(np.nextafter(bound, -np.inf))
-                    lower[i] = max(lower[i], bound)
+                    lower[i] = max(lower[i], _to_float(bound, -1))
             elif kinds == {"Y"}:
                 row = np.zeros(self.m)
                 for (_, j), value in atom.expr.coef.items():
-                    row[j] = value
-                rows.append((row, -atom.expr.const))
+                    row[j] = _to_float(value, 0)
+                rows.append((row, _to_float(-atom.expr.const, 0)))
             else:
                 raise VnnlibError("constraint mixes inputs and outputs", atom.line, self.source)
         return True

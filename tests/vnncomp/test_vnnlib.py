@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import functools
 import gzip
+import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -237,3 +239,58 @@ def test_random_formulas_match_their_meaning(formulas, points):
         got = any(np.all(x >= c.lower) and np.all(x <= c.upper) and c.prop.violated(y)
                   for c in spec.cases)
         assert got == expected, (text, point)
+
+
+def _bounds(text: str, scale: int = 1) -> tuple[float, float]:
+    """The parsed box of `X_0` bounded by `text` (divided by `scale`) on both sides."""
+    lhs = "X_0" if scale == 1 else f"(* {scale} X_0)"
+    spec = parse_vnnlib_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
+                             f"(assert (>= {lhs} {text}))\n(assert (<= {lhs} {text}))\n"
+                             "(assert (<= Y_0 0))\n")
+    (case,) = spec.cases
+    return float(case.lower[0]), float(case.upper[0])
+
+
+def _tight_enclosure(lower: float, upper: float, exact: Fraction) -> None:
+    """`lower` is the largest float64 <= exact, `upper` the smallest >= exact."""
+    assert Fraction(lower) <= exact <= Fraction(upper)
+    assert Fraction(math.nextafter(lower, math.inf)) > exact
+    assert Fraction(math.nextafter(upper, -math.inf)) < exact
+
+
+@pytest.mark.parametrize("text", ["0.1", "0.3", "-0.30353115613746867", "1e-45", "0.5", "3",
+                                  "0.0039215686274509803", "-2.5E+3"])
+def test_input_bounds_enclose_the_decimal(text):
+    lower, upper = _bounds(text)
+    _tight_enclosure(lower, upper, Fraction(text))
+    assert (lower == upper) == (Fraction(lower) == Fraction(text))  # equal only when exact
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.decimals(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6,
+                   places=20), st.sampled_from([1, 3, -7]))
+def test_random_decimal_bounds_are_enclosed(value, scale):
+    text = format(value, "f")
+    lower, upper = _bounds(text, scale)
+    exact = Fraction(text) / scale  # a negative scale swaps which atom bounds which side
+    _tight_enclosure(lower, upper, exact)
+
+
+def test_box_rounded_out_to_float32_keeps_the_decimal_box():
+    text = HEAD + ("(assert (>= X_0 0.1))\n(assert (<= X_0 0.1))\n"
+                   "(assert (>= X_1 -0.5))\n(assert (<= X_1 0.3))\n(assert (<= Y_0 Y_1))\n")
+    (case,) = parse_vnnlib_text(text).cases
+    box = case.rounded_out(np.float32)
+    assert box.prop is case.prop
+    for lo, hi, text_lo, text_hi in zip(box.lower, box.upper, ("0.1", "-0.5"), ("0.1", "0.3"),
+                                        strict=True):
+        assert np.float32(lo) == lo and np.float32(hi) == hi  # float32 values
+        assert Fraction(lo) <= Fraction(text_lo) and Fraction(hi) >= Fraction(text_hi)
+    # 0.1 has no float32 value: the box spans its two float32 neighbours.
+    # (float() first: NumPy would compare a float32 with 0.1 rounded to float32)
+    assert box.lower[0] == float(np.nextafter(np.float32(0.1), np.float32(0))) < 0.1
+    assert box.upper[0] == float(np.float32(0.1)) > 0.1
+    assert box.lower[1] == -0.5 and box.upper[1] == float(np.float32(0.3))  # exact / above
+    lo64, hi64 = box.rounded_out(np.float64).lower, box.rounded_out(np.float64).upper
+    np.testing.assert_array_equal(lo64, box.lower)  # float32 values stay put
+    np.testing.assert_array_equal(hi64, box.upper)
