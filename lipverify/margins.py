@@ -13,17 +13,22 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from lipverify.network.rounding import UNIT_ROUNDOFF, SoundOutputs, gamma
 from lipverify.types import Certificate, Problem, Property, Status
 
-# Relative slack added to every float64 quantity a radius is computed from. Float64 rounding of
-# forward passes done in float32 is far larger than machine epsilon, so the margin is lowered by
-# FORWARD_REL_ERROR of the output scale (see `forward_error`).
+# Relative slack added to every Lipschitz bound a radius is computed from.
 LIPSCHITZ_REL_SLACK = 1e-9
+# Allowance for the float32 rounding of bounds computed by libraries that work in float32
+# (auto_LiRPA), relative to the output scale (see `forward_error`).
 FORWARD_REL_ERROR = 1e-5
 
 
 def forward_error(outputs: np.ndarray) -> np.ndarray:
-    """A bound on the error of float32 forward passes, per input (absolute, on each output)."""
+    """An allowance for float32 rounding in bounds near `outputs`, per input (absolute).
+
+    Not a proof: centre margins use `lipverify.network.rounding.sound_outputs`, whose error
+    bound follows the activations through every layer.
+    """
     scale = np.max(np.abs(outputs), axis=1) if outputs.size else np.zeros(len(outputs))
     return FORWARD_REL_ERROR * (1.0 + scale)
 
@@ -35,12 +40,16 @@ def round_down_div(num: float, den: float) -> float:
 
 
 def property_radius(prop: Property, y: np.ndarray, row_lipschitz: Callable[[np.ndarray], float],
-                    error: float) -> tuple[float, float]:
+                    error: np.ndarray | float) -> tuple[float, float]:
     """Largest certified radius of `prop` around outputs `y`, and the worst centre margin.
 
     `row_lipschitz(c)` returns a sound Lipschitz bound of `x -> c.f(x)`; `error` bounds the
-    absolute error in each computed output.
+    absolute error of each computed output (one per output, or one for all).
     """
+    error = np.broadcast_to(np.asarray(error, dtype=np.float64), np.shape(y))
+    # `row @ y - rhs` is itself computed in float64.
+    rounding_rhs = gamma(len(y) + 1)
+    rounding = rounding_rhs * np.abs(y)
     radius = math.inf
     worst = math.inf
     for c, d in prop.terms:
@@ -48,7 +57,7 @@ def property_radius(prop: Property, y: np.ndarray, row_lipschitz: Callable[[np.n
         best_margin = -math.inf
         for row, rhs in zip(c, d, strict=True):
             slack = float(row @ y - rhs)
-            margin = slack - error * float(np.sum(np.abs(row)))
+            margin = slack - float(np.abs(row) @ (error + rounding)) - rounding_rhs * abs(rhs)
             best_margin = max(best_margin, slack)
             if margin <= 0:
                 continue
@@ -60,15 +69,18 @@ def property_radius(prop: Property, y: np.ndarray, row_lipschitz: Callable[[np.n
     return (0.0 if radius == math.inf and not prop.terms else radius), worst
 
 
-def robust_radii(outputs: np.ndarray, labels: np.ndarray, pair_lipschitz: np.ndarray) -> np.ndarray:
-    """Vectorised radii for robustness: `min_j (f_y - f_j - err) / L_yj`, rounded down.
+def robust_radii(outputs: SoundOutputs, labels: np.ndarray, pair_lipschitz: np.ndarray) -> np.ndarray:
+    """Vectorised radii for robustness: `min_j (f_y - f_j - err_y - err_j) / L_yj`, rounded down.
 
-    `pair_lipschitz[y, j]` is a sound bound on the Lipschitz constant of `f_y - f_j`.
+    `outputs` carries the centre outputs with their error bounds; `pair_lipschitz[y, j]` is a
+    sound bound on the Lipschitz constant of `f_y - f_j`.
     """
-    n, k = outputs.shape
+    values, error = outputs.values, outputs.error
+    n, k = values.shape
     rows = np.arange(n)
-    err = 2 * forward_error(outputs)
-    margins = outputs[rows, labels][:, None] - outputs - err[:, None]
+    # Each margin is the float64 difference of two outputs: one more rounding of each.
+    error = error + 2 * UNIT_ROUNDOFF * np.abs(values)
+    margins = values[rows, labels][:, None] - values - error[rows, labels][:, None] - error
     lip = pair_lipschitz[labels] * (1 + LIPSCHITZ_REL_SLACK)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         radii = np.where(margins > 0, margins / lip, 0.0)
@@ -90,15 +102,14 @@ def certificates_from_radii(radii: Sequence[float], eps: float, backend: str, se
     return out
 
 
-def margin_certificates(problem: Problem, outputs: np.ndarray,
+def margin_certificates(problem: Problem, outputs: SoundOutputs,
                         row_lipschitz: Callable[[np.ndarray], float], backend: str,
                         seconds: float) -> list[Certificate]:
     """Certificates of general properties from centre outputs and row Lipschitz bounds."""
-    errs = forward_error(outputs)
     radii = []
     details = []
-    for prop, y, e in zip(problem.properties, outputs, errs, strict=True):
-        r, worst = property_radius(prop, y, row_lipschitz, float(e))
+    for prop, y, e in zip(problem.properties, outputs.values, outputs.error, strict=True):
+        r, worst = property_radius(prop, y, row_lipschitz, e)
         radii.append(r)
         details.append({"centre_margin": worst})
     return certificates_from_radii(radii, problem.perturbation.eps, backend, seconds, details)

@@ -2,7 +2,8 @@ import math
 
 import numpy as np
 
-from lipverify.margins import forward_error, property_radius, robust_radii
+from lipverify.margins import property_radius, robust_radii
+from lipverify.network.rounding import SoundOutputs
 from lipverify.types import Property
 
 
@@ -12,18 +13,20 @@ def test_robust_radii_formula_and_rounding():
     labels = out.argmax(1)
     lip = rng.uniform(0.5, 2, size=(5, 5))
     lip = (lip + lip.T) / 2
-    radii = robust_radii(out, labels, lip)
-    err = 2 * forward_error(out)
+    err = rng.uniform(0, 1e-3, size=out.shape)
+    radii = robust_radii(SoundOutputs(out, err), labels, lip)
     for i in range(50):
         y = labels[i]
-        exact = min((out[i, y] - out[i, j] - err[i]) / lip[y, j] for j in range(5) if j != y)
+        exact = min((out[i, y] - out[i, j] - err[i, y] - err[i, j]) / lip[y, j]
+                    for j in range(5) if j != y)
         assert radii[i] <= max(exact, 0.0)
         assert radii[i] >= max(exact, 0.0) * (1 - 1e-8)
 
 
 def test_misclassified_gets_zero_radius():
     out = np.array([[0.0, 1.0]])
-    assert robust_radii(out, np.array([0]), np.ones((2, 2)))[0] == 0.0
+    assert robust_radii(SoundOutputs(out, np.zeros_like(out)), np.array([0]),
+                        np.ones((2, 2)))[0] == 0.0
 
 
 def test_property_radius_general_matches_robust():

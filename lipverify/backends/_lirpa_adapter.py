@@ -15,7 +15,7 @@ import io
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,15 +37,19 @@ from lipverify.errors import (
     ResourceError,
 )
 from lipverify.network.network import Network
+from lipverify.network.rounding import sound_outputs
 from lipverify.network.torchify import has_asymmetric_padding, layers_to_module, needs_matrix_mode
 from lipverify.types import Norm, deadline_passed
 
 log = logging.getLogger(__name__)
 
+# auto_LiRPA computes in float64: in float32 a bias of 2**24 rounds away whole inputs, and
+# CROWN's constant terms with it (verified margins of -0.03 on such nets).
+DTYPE = torch.float64
 # Bytes auto_LiRPA keeps per input and per (spec row x input feature) of the widest
 # back-substitution (lower and upper A matrices plus temporaries), and the extra for alpha-CROWN
 # (the alphas, their gradients and Adam's moments).
-BYTES_PER_ENTRY = 4 * 8
+BYTES_PER_ENTRY = 8 * 8
 ALPHA_MEMORY_FACTOR = 4
 # A rebuilt module must reproduce the network's outputs to this relative accuracy.
 REBUILD_REL_TOL = 1e-4
@@ -148,9 +152,9 @@ class LirpaAdapter:
                 "sparse_conv_intermediate_bounds": self.options.sparse_intermediate}
         for source, make in candidates:
             try:
-                with quiet_lirpa():
-                    module = make().float().eval().to(self.device)
-                    dummy = torch.zeros((1, *network.input_shape), device=self.device)
+                with quiet_lirpa(), default_dtype(DTYPE):
+                    module = make().to(DTYPE).eval().to(self.device)
+                    dummy = torch.zeros((1, *network.input_shape), dtype=DTYPE, device=self.device)
                     self.bounded = self._ext.Bounded(module, dummy, bound_opts=dict(opts),
                                                      device=self.device)
                     ops = self._ext.lirpa.bound_ops
@@ -187,8 +191,8 @@ class LirpaAdapter:
     def _check_forward(self, network: Network) -> None:
         probe = torch.rand((4, *network.input_shape), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            got = self.bounded(probe.to(self.device)).reshape(4, -1).double().cpu().numpy()
-        want = network.forward(probe.numpy())
+            got = self.bounded(probe.to(DTYPE).to(self.device)).reshape(4, -1).double().cpu().numpy()
+        want = sound_outputs(network, probe.numpy()).values
         scale = 1.0 + np.abs(want).max()
         if got.shape != want.shape or np.abs(got - want).max() > REBUILD_REL_TOL * scale:
             raise ModelError("the bounded module does not reproduce the network's outputs")
@@ -213,10 +217,10 @@ class LirpaAdapter:
 
     def _bounded_tensor(self, region: Region) -> Any:
         ext = self._ext
-        x = torch.as_tensor(region.centres, dtype=torch.float32, device=self.device)
+        x = torch.as_tensor(region.centres, dtype=DTYPE, device=self.device)
         x = x.reshape((len(region), *self.network.input_shape))
         if region.is_box:
-            lo, hi = (torch.as_tensor(a, dtype=torch.float32, device=self.device).reshape(x.shape)
+            lo, hi = (torch.as_tensor(a, dtype=DTYPE, device=self.device).reshape(x.shape)
                       for a in (region.lower, region.upper))
             ptb = ext.lirpa.PerturbationLpNorm(norm=np.inf, eps=float(region.eps.max()),
                                                x_L=lo, x_U=hi)
@@ -224,12 +228,12 @@ class LirpaAdapter:
             norm = np.inf if region.norm == Norm.LINF else 2
             ptb = ext.lirpa.PerturbationLpNorm(norm=norm, eps=float(region.eps[0]))
         elif region.norm == Norm.LINF:
-            eps = torch.as_tensor(region.eps, dtype=torch.float32, device=self.device)
+            eps = torch.as_tensor(region.eps, dtype=DTYPE, device=self.device)
             eps = eps.view(-1, *([1] * (x.dim() - 1)))
             ptb = ext.lirpa.PerturbationLpNorm(norm=np.inf, eps=float(region.eps.max()),
                                                x_L=x - eps, x_U=x + eps)
         else:
-            eps = torch.as_tensor(region.eps, dtype=torch.float32, device=self.device)
+            eps = torch.as_tensor(region.eps, dtype=DTYPE, device=self.device)
             ptb = ext.PerInputLpNorm(norm=2, eps=eps.view(-1, 1))
         return ext.lirpa.BoundedTensor(x, ptb)
 
@@ -246,7 +250,7 @@ class LirpaAdapter:
     def _bounds(self, x: Any, method: Method, **kwargs: Any) -> Any:
         grad = torch.enable_grad() if method == Method.ALPHA_CROWN else torch.no_grad()
         # alpha-CROWN prints its early stops ("all verified at ...") on stdout: keep it clean.
-        with grad, contextlib.redirect_stdout(io.StringIO()):
+        with grad, contextlib.redirect_stdout(io.StringIO()), default_dtype(DTYPE):
             return self.bounded.compute_bounds(x=(x,), method=method.value, **kwargs)
 
     def row_bounds(self, region: Region, c: np.ndarray, method: Method,
@@ -271,7 +275,7 @@ class LirpaAdapter:
 
         def run(index: np.ndarray) -> np.ndarray:
             x = self._bounded_tensor(region.subset(index))
-            cm = torch.as_tensor(c[index], dtype=torch.float32, device=self.device)
+            cm = torch.as_tensor(c[index], dtype=DTYPE, device=self.device)
             lower, _ = self._bounds(x, method, C=cm, bound_upper=False)
             return lower.detach().double().cpu().numpy()
 
@@ -305,6 +309,21 @@ class LirpaAdapter:
                         packed[:, offset + width:offset + 2 * width]))
             offset += 2 * width
         return out
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default dtype set to `dtype` inside the block (restored after).
+
+    alpha-CROWN casts its best bounds to the default dtype in its last step: under float32 it
+    would round float64 bounds to float32 (up as often as down) and then fail on mixed dtypes.
+    """
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _stop_at(deadline: float | None) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -18,6 +18,7 @@ import torch
 
 from lipverify.errors import InputError, ResourceError
 from lipverify.margins import forward_error
+from lipverify.network.rounding import SoundOutputs, gamma
 from lipverify.types import (
     Certificate,
     Norm,
@@ -33,6 +34,9 @@ MAX_HALVINGS = 20
 MAX_DOUBLINGS = 16
 # First probe when the problem's eps is 0 (pure radius search).
 DEFAULT_FIRST_RADIUS = 0.05
+# Bound propagation over a region does more arithmetic than one forward pass at its centre:
+# its rounding allowance is this multiple of the centre outputs' proven error.
+BOUND_ROUNDING_FACTOR = 1000.0
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
 log = logging.getLogger(__name__)
 
@@ -107,10 +111,28 @@ class Spec:
         """`C y - d` of each row at outputs `y` (shape `(B, T * R)`)."""
         return np.einsum("bsk,bk->bs", self.c, outputs) - self.d
 
-    def slack(self, outputs: np.ndarray) -> np.ndarray:
-        """Per input, an allowance for the float32 error in any row value near `outputs`."""
-        row_l1 = np.abs(self.c).sum(axis=2).max(axis=1) if self.c.size else np.zeros(len(self))
-        return forward_error(outputs) * row_l1
+    def slack(self, outputs: SoundOutputs) -> np.ndarray:
+        """Per input, an allowance for rounding in any row value near the centre outputs.
+
+        It covers the proven error of the centre outputs (and of `C y - d` in float64), and for
+        the bounds auto_LiRPA computes in float64 over the region, whose rounding grows with the
+        same activation magnitudes, `BOUND_ROUNDING_FACTOR` times that error plus
+        `forward_error`'s allowance relative to the outputs.
+        """
+        if not self.c.size:
+            return np.zeros(len(self))
+        values = outputs.values
+        rounding = gamma(values.shape[1] + 1)
+        centre = np.einsum("bsk,bk->bs", np.abs(self.c),
+                           outputs.error + rounding * np.abs(values))
+        centre = centre + rounding * np.abs(self.d)
+        row_l1 = np.abs(self.c).sum(axis=2).max(axis=1)
+        return BOUND_ROUNDING_FACTOR * centre.max(axis=1) + forward_error(values) * row_l1
+
+
+def centre_violated(network: object, spec: Spec, centres: np.ndarray) -> np.ndarray:
+    """Per input, whether the module's forward pass at the centre violates the property."""
+    return spec.combine(spec.row_values(network.forward(centres))) < 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -284,7 +306,9 @@ class Outcomes:
 
     `margin` is a lower bound on the margin at the problem's eps (NaN where not computed),
     `radius` the certified radius, `verified` the status at eps, and `timed_out` whether the
-    deadline cut the search short.
+    deadline cut the search short. `confirmed` marks inputs whose centre the module's own
+    (float32) forward pass shows violating the property (`centre_violated`); only those can be
+    falsified.
     """
 
     centre: np.ndarray
@@ -293,15 +317,17 @@ class Outcomes:
     radius: np.ndarray
     verified: np.ndarray
     timed_out: bool = False
+    confirmed: np.ndarray | None = None
 
     def certificates(self, backend: str, centres: np.ndarray, seconds: float,
                      details: dict | None = None) -> list[Certificate]:
         """Verified, unknown or timeout; falsified (the centre itself) when the centre violates
-        the property beyond float32 rounding."""
+        the property beyond rounding and a forward pass of the module confirms it."""
         out = []
         for i in range(len(self.centre)):
             info = {**(details or {}), "centre_margin": float(self.centre[i])}
-            if self.centre[i] < -self.slack[i]:
+            if self.centre[i] < -self.slack[i] and self.confirmed is not None and \
+                    self.confirmed[i]:
                 point = tuple(float(v) for v in np.ravel(centres[i]))
                 out.append(Certificate(Status.FALSIFIED, backend, 0.0, float(self.margin[i]),
                                        seconds, point,

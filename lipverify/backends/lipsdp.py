@@ -16,6 +16,7 @@ from lipverify.backends._margin_search import deadline_of
 from lipverify.backends.base import BackendBase, BackendOptions
 from lipverify.errors import InputError, LipverifyError, ResourceError
 from lipverify.margins import certificates_from_radii, margin_certificates, robust_radii
+from lipverify.network.rounding import sound_outputs
 from lipverify.network.network import Network
 from lipverify.sdp import (
     Chain,
@@ -314,7 +315,7 @@ class LipSDPBackend(BackendBase):
         norm = pert.norm
         factor = 1.0 if norm == Norm.L2 else math.sqrt(network.input_size) * (1 + 1e-15)
         try:
-            outputs = network.forward(pert.centres(problem.inputs))
+            outputs = sound_outputs(network, pert.centres(problem.inputs))
             labels = problem.labels
             if labels is not None:
                 if self.options.pairwise:

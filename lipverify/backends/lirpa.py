@@ -28,6 +28,7 @@ from lipverify.backends._margin_search import (
     Region,
     Spec,
     bisect_radius,
+    centre_violated,
     deadline_of,
     first_radius,
 )
@@ -38,6 +39,7 @@ from lipverify.errors import (
     ModelError,
 )
 from lipverify.network.network import Network
+from lipverify.network.rounding import sound_outputs
 from lipverify.types import Certificate, Norm, Problem, Scope, deadline_passed
 
 log = logging.getLogger(__name__)
@@ -52,9 +54,9 @@ class LirpaBackend(BackendBase):
     https://arxiv.org/abs/1811.00866).
 
     Proves, per input, a lower bound on every property margin over the L2 or L-infinity ball
-    (or box): sound, local scope. Verified when every bound is positive (after an allowance for
-    float32 rounding); with `problem.want_radius`, the certified radius is found by a bisection
-    run on all inputs at once with per-input radii. Inputs whose centre already violates the
+    (or box): sound, local scope. Verified when every bound is positive (auto_LiRPA runs in
+    float64, less an allowance for its rounding); with `problem.want_radius`, the certified
+    radius is found by a bisection run on all inputs at once with per-input radii. Inputs whose centre already violates the
     property are falsified with the centre as counterexample. Cost: one backward bound pass per
     input and bisection step (30 in the cascade).
 
@@ -127,26 +129,27 @@ class LirpaBackend(BackendBase):
         except OutOfTime:
             adapter = None
         region = Region.of(problem.perturbation, problem.inputs)
-        outputs = network.forward(region.centres)
+        outputs = sound_outputs(network, region.centres)
         spec = Spec.build(problem.properties, network.num_outputs)
         slack = spec.slack(outputs)
-        centre = spec.combine(spec.row_values(outputs))
+        violated = centre_violated(network, spec, region.centres)
+        centre = spec.combine(spec.row_values(outputs.values))
         eps = problem.perturbation.eps
         n = len(problem)
         if adapter is None or deadline_passed(deadline):
             outcomes = Outcomes(centre, slack, np.full(n, np.nan), np.zeros(n),
-                                np.zeros(n, bool), True)
+                                np.zeros(n, bool), True, confirmed=violated)
         elif problem.want_radius and not region.is_box:
             radius, margin = self.radii(adapter, region, spec, slack, centre > slack, eps,
                                         deadline)
             late = deadline_passed(deadline)
             outcomes = Outcomes(centre, slack, margin, radius, (radius >= eps) & (radius > 0),
-                                late)
+                                late, confirmed=violated)
         else:
             margin = self.margins(adapter, region, spec, self.method, deadline) - slack
             late = deadline_passed(deadline)
             outcomes = Outcomes(centre, slack, margin, np.where(margin > 0, eps, 0.0),
-                                margin > 0, late)
+                                margin > 0, late, confirmed=violated)
         seconds = (time.perf_counter() - start) / max(n, 1)
         return outcomes.certificates(self.name, region.centres, seconds,
                                      {"method": self.method.value})

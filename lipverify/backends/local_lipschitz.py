@@ -55,6 +55,7 @@ from lipverify.backends._margin_search import (
     Region,
     Spec,
     bisect_radius,
+    centre_violated,
     deadline_of,
     first_radius,
 )
@@ -63,6 +64,7 @@ from lipverify.errors import BackendUnavailable, LipverifyError, ModelError
 from lipverify.margins import LIPSCHITZ_REL_SLACK
 from lipverify.network.layers import Activation, Conv, Dense, Reshape, Residual, Shift
 from lipverify.network.network import Network
+from lipverify.network.rounding import sound_outputs
 from lipverify.norms import LayerBound, layer_bound, network_bounds
 from lipverify.types import Certificate, Norm, Problem, Scope, deadline_passed
 
@@ -283,10 +285,11 @@ class LocalLipschitzBackend(BackendBase):
         start = time.perf_counter()
         deadline = deadline_of(problem, self.options.timeout)
         region = Region.of(problem.perturbation, problem.inputs)
-        outputs = network.forward(region.centres)
+        outputs = sound_outputs(network, region.centres)
         spec = Spec.build(problem.properties, network.num_outputs)
         slack = spec.slack(outputs)
-        values = spec.row_values(outputs)
+        violated = centre_violated(network, spec, region.centres)
+        values = spec.row_values(outputs.values)
         centre = spec.combine(values)
         eps = problem.perturbation.eps
 
@@ -307,7 +310,7 @@ class LocalLipschitzBackend(BackendBase):
         n = len(problem)
         if deadline_passed(deadline):
             outcomes = Outcomes(centre, slack, np.full(n, np.nan), np.zeros(n),
-                                np.zeros(n, bool), True)
+                                np.zeros(n, bool), True, confirmed=violated)
         elif problem.want_radius and not region.is_box:
             first = np.where(searchable, first_radius(eps, n), 0.0)
             radius, at_first = bisect_radius(margins_at, first, self.options.radius_rel_tol,
@@ -315,7 +318,7 @@ class LocalLipschitzBackend(BackendBase):
             radius = np.maximum(radius, reach)
             late = deadline_passed(deadline)
             outcomes = Outcomes(centre, slack, np.where(first == eps, at_first, np.nan), radius,
-                                (radius >= eps) & (radius > 0), late)
+                                (radius >= eps) & (radius > 0), late, confirmed=violated)
         else:
             rows = row_lower(np.arange(n), region.eps)
             if self.options.lipsdp_rows:
@@ -323,7 +326,7 @@ class LocalLipschitzBackend(BackendBase):
             margin = spec.combine(rows) - slack
             smaller = 0.0 if region.is_box else _reach(spec, values, rows, slack, region.eps)
             outcomes = Outcomes(centre, slack, margin, np.where(margin > 0, eps, smaller),
-                                margin > 0)
+                                margin > 0, confirmed=violated)
         seconds = (time.perf_counter() - start) / max(n, 1)
         return outcomes.certificates(self.name, region.centres, seconds)
 

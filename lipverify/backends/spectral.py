@@ -15,13 +15,13 @@ import torch
 from lipverify.backends.base import BackendBase, BackendOptions
 from lipverify.margins import (
     certificates_from_radii,
-    forward_error,
     property_radius,
     robust_radii,
 )
 from lipverify.network.network import Network
+from lipverify.network.rounding import SoundOutputs, sound_outputs
 from lipverify.norms.conv import EXPLICIT_MAX_ENTRIES, TWIST_CANDIDATES
-from lipverify.norms.dense import down, norm2_upper, up
+from lipverify.norms.dense import up
 from lipverify.norms.network import (
     BoundOptions,
     NetworkBounds,
@@ -81,15 +81,6 @@ def _body_details(bounds: NetworkBounds) -> dict[str, float]:
     if bounds.norm == Norm.L2:
         return {"L_body": bounds.body_l2}
     return {"L_body": bounds.body_linf, "L_body_inf_to_l2": bounds.body_inf_to_l2}
-
-
-def _distance(a: np.ndarray, b: np.ndarray, norm: Norm) -> np.ndarray:
-    """Upper bounds of `||a_i - b_i||` per row in `norm`."""
-    diff = np.abs(a.reshape(len(a), -1) - b.reshape(len(b), -1))
-    diff = up(diff * float(up(1.0 + 4 * np.finfo(np.float64).eps)))
-    if norm == Norm.LINF:
-        return np.max(diff, axis=1) if diff.size else np.zeros(len(a))
-    return norm2_upper(diff, 1)
 
 
 class SpectralBackend(BackendBase):
@@ -218,33 +209,28 @@ class SpectralBackend(BackendBase):
         bounds, _ = self.bounds(network, norm)
         inputs = np.asarray(problem.inputs, dtype=np.float64)
         centres = np.asarray(pert.centres(inputs), dtype=np.float64)
-        # The forward pass runs in float32: the certificate is about that point, moved back to
-        # the requested centre by the triangle inequality (ball) or enclosing it (box).
-        evaluated = centres.astype(np.float32).astype(np.float64)
-        outputs = network.forward(evaluated)
+        # Outputs at the exact centres, in float64 with a proven bound on their rounding error.
+        outputs = sound_outputs(network, centres)
         if pert.is_box:
             lower = pert.lower.reshape(len(inputs), -1)
             upper = pert.upper.reshape(len(inputs), -1)
-            flat = evaluated.reshape(len(inputs), -1)
+            flat = centres.reshape(len(inputs), -1)
             budget = up(np.maximum(np.max(upper - flat, axis=1), np.max(flat - lower, axis=1)))
-            shift = np.zeros(len(inputs))
         else:
             budget = np.full(len(inputs), pert.eps)
-            shift = _distance(inputs, evaluated, norm)
         labels = problem.labels
         if labels is not None and len(inputs):
             radii, details = self._robust(network, bounds, outputs, labels, norm)
         else:
             radii, details = self._general(bounds, problem, outputs)
-        radii = np.where(shift > 0, np.maximum(down(radii - shift), 0.0), radii)
         return self._certificates(radii, budget, details, time.perf_counter() - start)
 
-    def _robust(self, network: Network, bounds: NetworkBounds, outputs: np.ndarray,
+    def _robust(self, network: Network, bounds: NetworkBounds, outputs: SoundOutputs,
                 labels: np.ndarray, norm: Norm) -> tuple[np.ndarray, list[dict[str, Any]]]:
         pair = self._pairwise(network, norm)
         radii = robust_radii(outputs, labels, pair)
         rows = np.arange(len(labels))
-        gaps = outputs[rows, labels][:, None] - outputs
+        gaps = outputs.values[rows, labels][:, None] - outputs.values
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(pair[labels] > 0, gaps / pair[labels], np.inf)
         ratio[rows, labels] = np.inf
@@ -259,8 +245,7 @@ class SpectralBackend(BackendBase):
         return radii, details
 
     def _general(self, bounds: NetworkBounds, problem: Problem,
-                 outputs: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        errs = forward_error(outputs)
+                 outputs: SoundOutputs) -> tuple[np.ndarray, list[dict[str, Any]]]:
         cache: dict[bytes, float] = {}
 
         def row_lipschitz(row: np.ndarray) -> float:
@@ -271,8 +256,8 @@ class SpectralBackend(BackendBase):
 
         radii, details = [], []
         body = _body_details(bounds)
-        for prop, y, e in zip(problem.properties, outputs, errs, strict=True):
-            r, worst = property_radius(prop, y, row_lipschitz, float(e))
+        for prop, y, e in zip(problem.properties, outputs.values, outputs.error, strict=True):
+            r, worst = property_radius(prop, y, row_lipschitz, e)
             radii.append(r)
             details.append({**body, "centre_margin": worst})
         return np.asarray(radii, dtype=np.float64), details

@@ -6,8 +6,9 @@ ball when every term has a row with `min_x c . f(x) - d > 0`. The margin lower b
 
 - float64 rounding of the propagation: `ROUNDING_REL * (1 + |lb| + magnitude)`, `magnitude` the
   sum of absolute values of the terms the bound added up (`Propagated.magnitude`);
-- the difference between the float64 layer view and the float32 module the certificate is about:
-  `sum_j |c_j|` times `lipverify.margins.forward_error` of the outputs at the centre.
+- a further margin of safety of `sum_j |c_j|` times `lipverify.margins.forward_error` of the
+  outputs at the centre (the certificate is about the exact function of the layer view's weights,
+  which the float64 propagation approximates to far better than this).
 """
 
 from __future__ import annotations

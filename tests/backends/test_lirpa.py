@@ -57,13 +57,15 @@ FULL = {"sparse_intermediate_bounds": False, "sparse_conv_intermediate_bounds": 
 
 def _raw_lower(module, x, norm, eps, c, bound_opts=FULL):
     lirpa = load_auto_lirpa()
-    bounded = lirpa.BoundedModule(module, torch.zeros((1, *INPUT_SHAPE)), bound_opts=bound_opts)
+    # lipverify runs auto_LiRPA in float64 (float32 rounds large activations away)
+    bounded = lirpa.BoundedModule(module.double(), torch.zeros((1, *INPUT_SHAPE)).double(),
+                                  bound_opts=bound_opts)
     ptb = lirpa.PerturbationLpNorm(norm=np.inf if norm == Norm.LINF else 2, eps=eps)
-    # Standard strides: a size-1 channel dim with odd strides picks another float32 conv kernel.
-    x = torch.tensor(x).clone(memory_format=torch.contiguous_format)
+    # Standard strides: a size-1 channel dim with odd strides picks another conv kernel.
+    x = torch.tensor(x).double().clone(memory_format=torch.contiguous_format)
     with torch.no_grad():
         lower, _ = bounded.compute_bounds(x=(lirpa.BoundedTensor(x, ptb),),
-                                          C=torch.tensor(c, dtype=torch.float32),
+                                          C=torch.tensor(c, dtype=torch.float64),
                                           method="CROWN")
     return lower.double().numpy()
 

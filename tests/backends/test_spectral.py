@@ -12,7 +12,7 @@ from torch import nn
 
 from lipverify.backends.spectral import SpectralBackend, SpectralOptions
 from lipverify.data import load_data
-from lipverify.margins import forward_error
+from lipverify.network.rounding import sound_outputs
 from lipverify.models import INPUT_SHAPE, load_shipped
 from lipverify.network.load import build_network
 from lipverify.testing import CHECKS, check_backend
@@ -126,8 +126,9 @@ def test_radii_are_never_looser_than_the_global_bound(shipped, backend, data, no
     problem = Problem.robustness(x, y, 10, Perturbation.ball(norm, 0.0), want_radius=True)
     certs = backend.certify(shipped, problem)
     radii = np.array([c.radius for c in certs])
-    out = shipped.forward(x)
-    gaps = out[np.arange(len(y)), y][:, None] - out - 2 * forward_error(out)[:, None]
+    sound = sound_outputs(shipped, x)
+    out, err = sound.values, sound.error
+    gaps = out[np.arange(len(y)), y][:, None] - out - err[np.arange(len(y)), y][:, None] - err
     gaps[np.arange(len(y)), y] = np.inf
     lip = backend.lipschitz(shipped, norm).value
     factor = math.sqrt(2) if norm == Norm.L2 else 2.0
@@ -169,7 +170,7 @@ def test_box_uses_the_centre_and_each_inputs_own_enclosing_radius(backend, data)
     lower, upper = np.clip(x - eps, 0, 1), np.clip(x + eps, 0, 1)
     box = Problem.robustness(x, y, 10, Perturbation.box(lower, upper))
     certs = backend.certify(net, box)
-    centres = ((lower + upper) / 2).astype(np.float32)
+    centres = (lower.astype(np.float64) + upper) / 2  # exact: the certificate's own centre
     half = np.maximum(upper - centres, centres - lower).reshape(len(x), -1).max(axis=1)
     ball = backend.certify(net, Problem.robustness(centres, y, 10,
                                                    Perturbation.ball(np.inf, 0.0)))
@@ -197,7 +198,7 @@ def test_general_properties_agree_with_the_robust_path(backend, data):
             assert cb.radius >= ca.radius * (1 - 1e-6)
 
 
-def test_float64_inputs_off_the_float32_grid_lose_their_distance(backend, data):
+def test_float64_inputs_off_the_float32_grid_are_certified_where_they_are(backend, data):
     x, y = data
     net = build_network(load_shipped("digits_mlp"), INPUT_SHAPE)
     nudged = x.astype(np.float64) + 1e-3 * np.random.default_rng(0).uniform(0, 1e-4, x.shape)
@@ -206,10 +207,13 @@ def test_float64_inputs_off_the_float32_grid_lose_their_distance(backend, data):
     assert np.all(dist > 0)
     exact = backend.certify(net, Problem.robustness(back, y, 10, Perturbation.ball(2, 0.0)))
     moved = backend.certify(net, Problem.robustness(nudged, y, 10, Perturbation.ball(2, 0.0)))
-    for c, m, d in zip(exact, moved, dist, strict=True):
-        if c.radius > d:
-            assert m.radius <= c.radius - d * (1 - 1e-6)
-            assert m.radius >= c.radius - d * (1 + 1e-6) - 1e-15
+    # the centre margin is the float64 one at the float64 point, not at its float32 rounding
+    out = net.layer_forward(torch.as_tensor(nudged)).numpy()
+    for i, (c, m, d) in enumerate(zip(exact, moved, dist, strict=True)):
+        j = m.details["binding_class"]
+        assert m.details["centre_margin"] == pytest.approx(out[i, y[i]] - out[i, j], abs=1e-12)
+        # radius = min margin / L moves by at most the distance the centre moved
+        assert abs(m.radius - c.radius) <= d * (1 + 1e-6) + 1e-12
 
 
 def test_pairwise_lipschitz_is_exposed_and_cached(backend):

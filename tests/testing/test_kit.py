@@ -19,6 +19,7 @@ from torch import nn
 from lipverify.backends.base import BackendBase
 from lipverify.errors import InputError
 from lipverify.margins import margin_certificates
+from lipverify.network.rounding import sound_outputs
 from lipverify.network.layers import Activation, Conv, Dense, Residual
 from lipverify.testing import (
     CHECKS,
@@ -85,7 +86,7 @@ class ProductBackend(BackendBase):
         start = time.perf_counter()
         lip = self.lipschitz(network, problem.perturbation.norm).value
         dual = 2 if problem.perturbation.norm == Norm.L2 else 1
-        outputs = network.forward(problem.perturbation.centres(problem.inputs))
+        outputs = sound_outputs(network, problem.perturbation.centres(problem.inputs))
         return margin_certificates(problem, outputs,
                                    lambda row: float(np.linalg.norm(row, dual)) * lip,
                                    self.name, time.perf_counter() - start)

@@ -14,6 +14,7 @@ import numpy as np
 from lipverify.backends.base import BackendBase, BackendOptions
 from lipverify.errors import InputError, LipverifyError
 from lipverify.margins import certificates_from_radii, margin_certificates, robust_radii
+from lipverify.network.rounding import sound_outputs
 from lipverify.network.layers import Activation
 from lipverify.network.network import Network
 from lipverify.sdp import Chain, chain_from_layers, unsupported_reason
@@ -216,7 +217,7 @@ class EclipseBackend(BackendBase):
             math.sqrt(network.input_size) * LINF_ROUNDING
         try:
             details = self._details(self.certificate(network))
-            outputs = network.forward(pert.centres(problem.inputs))
+            outputs = sound_outputs(network, pert.centres(problem.inputs))
             labels = problem.labels
             if labels is not None:
                 pairs = self.pair_bounds(network, labels) * factor
