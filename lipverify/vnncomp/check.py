@@ -1,9 +1,13 @@
 """Counterexamples checked on the ORIGINAL ONNX file with onnxruntime, before `sat` is written.
 
-A candidate input is accepted only when it lies in the case's box within `BOX_TOLERANCE` (the
-competition's tolerance) and the outputs onnxruntime computes for exactly the values that will be
-written violate the property (slack < 0, no tolerance). The candidate is first projected onto
-the box so the written point lies inside it even after rounding to the network's input dtype.
+A candidate input is accepted only when it lies in the case's box within `ACCEPT_TOLERANCE`
+(half the competition's `BOX_TOLERANCE`, so no checker's float64 rounding can put it outside)
+and the outputs onnxruntime computes for exactly the values that will be written violate the
+property (slack < 0, no tolerance). The candidate is first projected onto the box and rounded to
+the network's input dtype; where that dtype has no value inside the box (a bound such as
+lower == upper == 0.1, which float32 cannot represent) the point takes a neighbouring value,
+one step outside. The backends search the box rounded outward to float32 (`worker.py`), so the
+candidate as found (rounded to the input dtype) is tried too.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ log = logging.getLogger(__name__)
 
 # The competition accepts counterexamples up to this far outside the input box.
 BOX_TOLERANCE = 1e-4
+# Counterexamples are accepted up to this far outside the box: a float32 step around any value
+# below 512 in magnitude, with room to spare for how the competition's checker rounds.
+ACCEPT_TOLERANCE = BOX_TOLERANCE / 2
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64,
                "tensor(float16)": np.float16}
 
@@ -91,7 +98,7 @@ def project_to_box(x: np.ndarray, lower: np.ndarray, upper: np.ndarray,
     return rounded
 
 
-def in_box(x: np.ndarray, case: SpecCase, tolerance: float = BOX_TOLERANCE) -> bool:
+def in_box(x: np.ndarray, case: SpecCase, tolerance: float = ACCEPT_TOLERANCE) -> bool:
     """True when every coordinate lies in the box within `tolerance`."""
     x = np.asarray(x, dtype=np.float64).reshape(-1)
     return bool(x.shape == case.lower.shape and np.all(x >= case.lower - tolerance)
@@ -99,12 +106,16 @@ def in_box(x: np.ndarray, case: SpecCase, tolerance: float = BOX_TOLERANCE) -> b
 
 
 def check_counterexample(oracle: OnnxOracle, case: SpecCase, x: np.ndarray,
-                         tolerance: float = BOX_TOLERANCE) -> Counterexample | None:
+                         tolerance: float = ACCEPT_TOLERANCE) -> Counterexample | None:
     """The written form of `x` when it is a real counterexample of `case`, else None."""
     x = np.asarray(x, dtype=np.float64).reshape(-1)
     if x.size != case.lower.size or not np.all(np.isfinite(x)):
         return None
-    for candidate in (project_to_box(x, case.lower, case.upper, oracle), oracle.cast(x)):
+    # Inside the box first; then the box point rounded to nearest (one step outside where the
+    # dtype has no value at the bound); then the candidate as found.
+    nearest = oracle.cast(np.clip(x, case.lower, case.upper))
+    for candidate in (project_to_box(x, case.lower, case.upper, oracle), nearest,
+                      oracle.cast(x)):
         if not in_box(candidate, case, tolerance):
             continue
         y = oracle.outputs(candidate)

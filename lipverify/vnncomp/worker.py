@@ -26,6 +26,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lipverify.errors import BackendUnavailable, InputError, LipverifyError
 from lipverify.types import Certificate, Perturbation, Problem, Status
 from lipverify.vnncomp.vnnlib import SpecCase
@@ -41,6 +43,8 @@ PRELOAD = ("torch", "lipverify.vnncomp.worker", "lipverify.orchestrator",
 # hold up the child's).
 OPTIMISER_IMPORT = "torch._dynamo"
 _PR_SET_PDEATHSIG = 1
+# Backends get each box rounded outward to values of this type (see `backend_problem`).
+BACKEND_DTYPE = np.float32
 
 
 class WorkerError(LipverifyError):
@@ -130,15 +134,30 @@ class LocalBackends:
             known = {f.name for f in dataclasses.fields(backend.options)}
             changes = {k: v for k, v in overrides.items() if k in known}
             backend = type(backend)(dataclasses.replace(backend.options, **changes))
-        shape = (1, *self.network.input_shape)
-        problem = Problem(case.centre.reshape(shape), (case.prop,),
-                          Perturbation.box(case.lower.reshape(shape), case.upper.reshape(shape)),
-                          deadline=deadline)
-        outcome = run_cascade(self.network, problem, [backend])
+        outcome = run_cascade(self.network, backend_problem(case, self.network.input_shape,
+                                                            deadline), [backend])
         return outcome.best[0], outcome.skipped.get(name)
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def backend_problem(case: SpecCase, input_shape: tuple[int, ...],
+                    deadline: float | None = None) -> Problem:
+    """The problem the backends see for one box: the box rounded outward to float32.
+
+    Backends compute in float32 (auto_LiRPA's tensors, the falsifier's search), and a float64
+    bound converted to float32 rounds to the nearest value, which may lie inside the box: the
+    bounds would then cover a smaller box than the one `unsat` speaks of. A box of float32
+    values survives those conversions unchanged, so its bounds hold on the whole box; the
+    falsifier may use its float32 points, at most one float32 step outside the box (within the
+    competition's tolerance, which `check.py` enforces).
+    """
+    box = case.rounded_out(BACKEND_DTYPE)
+    shape = (1, *input_shape)
+    return Problem(box.centre.reshape(shape), (box.prop,),
+                   Perturbation.box(box.lower.reshape(shape), box.upper.reshape(shape)),
+                   deadline=deadline)
 
 
 def _create(options: BackendOptions) -> list[Any]:

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 
 from lipverify.errors import ModelError
 from lipverify.vnncomp.check import (
+    ACCEPT_TOLERANCE,
     BOX_TOLERANCE,
     OnnxOracle,
     check_counterexample,
@@ -93,3 +94,29 @@ def test_shipped_counterexamples_pass_and_perturbed_box_fails(bench):
         # The box centre of an instance whose centre is safe is no counterexample.
         if float(row["centre_min_slack"]) > 0:
             assert check_counterexample(oracle, case, case.centre) is None
+
+
+def test_counterexamples_within_tolerance_of_a_bound_float32_cannot_represent(tmp_path):
+    # X_0 fixed at 0.1 (no float32 value): its float32 neighbours, 6e-9 and 1.5e-9 away, are
+    # counterexamples within the competition's tolerance; a point farther out is never one.
+    oracle = OnnxOracle(_identity_onnx(tmp_path / "id.onnx", 2))
+    spec = ("(declare-const X_0 Real)\n(declare-const X_1 Real)\n(declare-const Y_0 Real)\n"
+            "(declare-const Y_1 Real)\n(assert (>= X_0 0.1))\n(assert (<= X_0 0.1))\n"
+            "(assert (>= X_1 0))\n(assert (<= X_1 1))\n")
+    below = float(np.nextafter(np.float32(0.1), np.float32(0)))
+    above = float(np.float32(0.1))
+    (low,) = parse_vnnlib_text(spec + f"(assert (<= Y_0 {below + 1e-12!r}))\n").cases
+    (high,) = parse_vnnlib_text(spec + "(assert (>= Y_0 0.1))\n").cases
+    # The float32 point the backends' box ends at is accepted as found, on either side.
+    for case, x0 in ((low, below), (high, above)):
+        found = check_counterexample(oracle, case, np.array([x0, 0.5]))
+        assert found is not None and found.x[0] == x0 and found.margin < 0
+    # The same holds from anywhere: the projection tries the neighbour it rounds to.
+    assert check_counterexample(oracle, high, np.array([0.5, 0.5])) is not None
+    # Beyond the tolerance, a violating point is refused, rounded or not.
+    (wide,) = parse_vnnlib_text(spec + "(assert (<= Y_0 0.0999))\n").cases
+    assert check_counterexample(oracle, wide, np.array([0.0999, 0.5])) is None
+    assert check_counterexample(oracle, wide, np.array([0.1 - 2 * ACCEPT_TOLERANCE, 0.5])) is None
+    assert ACCEPT_TOLERANCE <= BOX_TOLERANCE / 2
+    assert not in_box(np.array([0.1 - 1.01 * ACCEPT_TOLERANCE, 0.5]), wide)
+    assert in_box(np.array([0.1 - 0.99 * ACCEPT_TOLERANCE, 0.5]), wide)

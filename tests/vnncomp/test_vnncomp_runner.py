@@ -8,20 +8,23 @@ from __future__ import annotations
 import csv
 import functools
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from fixed_input import FIXED, FIXED_BELOW
 
 from lipverify.backends.registry import BackendRegistry
+from lipverify.vnncomp.check import ACCEPT_TOLERANCE
 from lipverify.vnncomp.results import VnncompResult
 from lipverify.vnncomp.runner import RunOptions, falsifier_round, run_instance
 from lipverify.vnncomp.vnnlib import read_vnnlib
 from lipverify.vnncomp.worker import BackendOptions, WorkerBackends
 
 BENCH = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks" / "vnncomp"
-pytestmark = pytest.mark.skipif(not BENCH.is_dir(), reason="shared benchmarks not present")
+needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason="shared benchmarks not present")
 
 # (benchmark, onnx stem, vnnlib stem): every test_2021 instance, and mnist_fc instances whose
 # answer a bound-only verifier with a falsifier reaches in seconds (centre, PGD, CROWN).
@@ -61,6 +64,7 @@ def _independent_check(onnx: Path, vnnlib: Path, x: np.ndarray, y: np.ndarray) -
                and c.prop.violated(y_ort.astype(np.float64)) for c in spec.cases)
 
 
+@needs_bench
 @pytest.mark.parametrize(("bench", "onnx", "vnnlib"), SUBSET)
 def test_known_answers(bench, onnx, vnnlib):
     folder = BENCH / bench
@@ -78,6 +82,7 @@ def test_known_answers(bench, onnx, vnnlib):
                            answer.counterexample.y)
 
 
+@needs_bench
 def test_too_little_time_is_a_timeout_not_an_answer():
     folder = BENCH / "mnist_fc_2022"
     answer = run_instance(folder / "onnx" / "mnist-net_256x4.onnx",
@@ -86,6 +91,7 @@ def test_too_little_time_is_a_timeout_not_an_answer():
     assert answer.seconds < 15  # parsing and opening the network, nothing more
 
 
+@needs_bench
 def test_a_backend_past_the_deadline_is_stopped():
     folder = BENCH / "mnist_fc_2022"
     spec = read_vnnlib(folder / "vnnlib" / "prop_0_0.03.vnnlib")
@@ -103,6 +109,7 @@ def test_a_backend_past_the_deadline_is_stopped():
     assert not pool.proc.is_alive()
 
 
+@needs_bench
 def test_no_input_in_the_box_is_unsat(tmp_path):
     spec = tmp_path / "empty.vnnlib"
     spec.write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
@@ -121,6 +128,7 @@ def _two_boxes(tmp_path: Path, threshold: float) -> Path:
     return spec
 
 
+@needs_bench
 @pytest.mark.parametrize(("threshold", "want"), [(1.4, "sat"), (1.6, "unsat")])
 def test_input_disjunction_is_sat_if_any_box_is(tmp_path, threshold, want):
     onnx = BENCH / "test_2021" / "onnx" / "test_nano.onnx"
@@ -130,3 +138,35 @@ def test_input_disjunction_is_sat_if_any_box_is(tmp_path, threshold, want):
         assert answer.result.value == want, answer.trace
     if want == "sat":
         assert answer.counterexample.x[0] >= 2.8 - 1e-6 and answer.counterexample.y[0] >= 1.4
+
+
+def _fixed_input_check(onnx: Path, x: np.ndarray, y: np.ndarray) -> None:
+    """The competition's check of a counterexample of the fixed-input instance."""
+    assert abs(Fraction(float(x[0])) - Fraction(FIXED)) <= Fraction(ACCEPT_TOLERANCE)
+    assert -1 <= x[1] <= 1
+    session = ort.InferenceSession(str(onnx))
+    y_ort = session.run(None, {"x": x.astype(np.float32).reshape(1, 2)})[0].ravel()
+    np.testing.assert_array_equal(y, y_ort)
+    assert y_ort[0] < 0
+
+
+def test_input_fixed_where_float32_has_no_value_is_sat(fixed_input_instance):
+    # Issue 15, item 4: X_0 = 0.1 exactly; the backends saw the box rounded to the nearest
+    # float32 (0.1 + 1.5e-9), where the property holds, and answered unsat. The violation is at
+    # the float32 neighbour below (and at the real 0.1), which the falsifier may now use.
+    onnx, vnnlib = fixed_input_instance
+    answer = run_instance(onnx, vnnlib, RunOptions(timeout=30))
+    assert answer.result == VnncompResult.SAT, answer.trace
+    assert answer.counterexample.x[0] == FIXED_BELOW
+    _fixed_input_check(onnx, answer.counterexample.x, answer.counterexample.y)
+
+
+@pytest.mark.parametrize("backend", ["local", "lirpa", "alpha-crown", "spectral"])
+def test_verifiers_alone_never_prove_the_fixed_input_instance(fixed_input_instance, backend):
+    # Without the falsifier nothing can answer sat, and no sound backend may prove the box:
+    # `local` did, on the float32-rounded box, before the box was rounded outward.
+    if backend not in BackendRegistry.from_entry_points().available_names():
+        pytest.skip(f"{backend} is not available")
+    onnx, vnnlib = fixed_input_instance
+    answer = run_instance(onnx, vnnlib, RunOptions(timeout=30, backends=(backend,)))
+    assert answer.result in (VnncompResult.UNKNOWN, VnncompResult.TIMEOUT), answer.trace
