@@ -12,7 +12,7 @@ import torch
 
 from lipverify.backends.base import Verifier
 from lipverify.backends.registry import BackendRegistry
-from lipverify.errors import InputError
+from lipverify.errors import InputError, LipverifyError
 from lipverify.network.network import Network
 from lipverify.orchestrator import Mode, Outcome, run_cascade
 from lipverify.types import Certificate, LipschitzBound, Norm, Perturbation, Problem
@@ -105,6 +105,7 @@ class LipschitzReport:
     bounds: tuple[LipschitzBound, ...]
     lower_bound: float
     lower_method: str
+    skipped: Mapping[str, str] = field(default_factory=dict)
 
     def ratio(self, bound: LipschitzBound) -> float:
         """How far an upper bound is above the lower bound (>= 1 when both are right)."""
@@ -115,18 +116,29 @@ def lipschitz(model: Network | torch.nn.Module | str | Path,
               backends: Sequence[str | Verifier] = ("spectral",), *, norm: str | Norm = "2",
               data: np.ndarray | None = None, seed: int = 0,
               input_shape: Sequence[int] | None = None) -> LipschitzReport:
-    """Global Lipschitz upper bounds per backend and an empirical lower bound."""
+    """Global Lipschitz upper bounds per backend and an empirical lower bound.
+
+    A backend that cannot bound this network (e.g. lipsdp on a residual net) is reported in
+    `skipped` with its reason and the others' bounds are kept; if every backend fails, the
+    first failure is raised.
+    """
     from lipverify.lower_bounds import jacobian_lower_bound
 
     network = as_network(model, input_shape)
     norm = Norm.parse(norm)
-    bounds = []
+    bounds, skipped, failures = [], {}, []
     for backend in make_backends(backends):
         if not hasattr(backend, "lipschitz"):
             raise InputError(f"backend {backend.name!r} does not bound Lipschitz constants")
-        bounds.append(backend.lipschitz(network, norm))
+        try:
+            bounds.append(backend.lipschitz(network, norm))
+        except LipverifyError as exc:
+            skipped[backend.name] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            failures.append(exc)
+    if not bounds and failures:
+        raise failures[0]
     lower = jacobian_lower_bound(network, data, norm=norm, seed=seed)
-    return LipschitzReport(tuple(bounds), float(lower.value), str(lower.method))
+    return LipschitzReport(tuple(bounds), float(lower.value), str(lower.method), skipped)
 
 
 def compare(model: Network | torch.nn.Module | str | Path, inputs: np.ndarray,

@@ -36,3 +36,7 @@ class SoundnessError(LipverifyError):
 
 class ResourceError(LipverifyError):
     """A computation would exceed a memory or time budget."""
+
+
+class SolverError(LipverifyError):
+    """A numerical solver failed on a problem (no bound was obtained; nothing is claimed)."""

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
                         "sound": b.sound, "seconds": b.seconds,
                         "ratio_to_lower": report.ratio(b)} for b in report.bounds],
             "lower_bound": {"value": report.lower_bound, "method": report.lower_method},
+            "skipped": dict(report.skipped),
         }, indent=2))
         return 0
     print(f"{'backend':<12} {'upper bound':>14} {'/ lower':>9} {'seconds':>9}  sound")
@@ -58,4 +59,6 @@ def run(args: argparse.Namespace) -> int:
               f"{'yes' if b.sound else 'no (estimate)'}")
     print(f"{'lower bound':<12} {report.lower_bound:>14.6g} {'':>9} {'':>9}  "
           f"({report.lower_method})")
+    for name, reason in report.skipped.items():
+        print(f"{name:<12} {'skipped':>14}: {reason}")
     return 0

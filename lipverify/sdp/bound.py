@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lipverify.errors import InputError
+from lipverify.errors import InputError, SolverError
 from lipverify.sdp.assembly import Form, assemble
 from lipverify.sdp.chain import (
     Chain,
@@ -137,11 +137,11 @@ def chain_bound(chain: Chain, options: SDPOptions = SDPOptions()) -> SDPBound:
     """A proven LipSDP bound for one chain (no splitting).
 
     Neurons with slopes `[0, 0]` are removed first (exactly); their entries in `multipliers`
-    are NaN. A chain with a whole constant layer has bound 0.
+    are NaN. A chain with a whole constant layer or an all-zero weight matrix has bound 0.
     """
     start = time.perf_counter()
     reduced_chain, keep = drop_constant_neurons(chain)
-    if reduced_chain is None:
+    if reduced_chain is None or _has_zero_map(chain):
         nan = np.full(1 + (chain.depth if options.form == Form.LAYER else
                            sum(chain.hidden_sizes)), np.nan)
         nan[0] = 0.0
@@ -154,10 +154,15 @@ def chain_bound(chain: Chain, options: SDPOptions = SDPOptions()) -> SDPBound:
         scaled, exponents = power_of_two_scales(chain)
         solved = reduce_input(scaled) if options.reduce_input else scaled
         require_budget(estimate(scaled, solved, options.solver), options.memory_budget_gb)
-        raw = solve_chain(solved, options.form, options.solver, options.tolerance,
-                          options.time_limit)
-        full = assemble(scaled, options.form)
-        checked = certify_multipliers(full, raw.t[1:], float(raw.t[0]))
+        try:
+            raw = solve_chain(solved, options.form, options.solver, options.tolerance,
+                              options.time_limit)
+            full = assemble(scaled, options.form)
+            checked = certify_multipliers(full, raw.t[1:], float(raw.t[0]))
+        except np.linalg.LinAlgError as exc:
+            raise SolverError(f"LipSDP ({options.solver.value}) failed on the "
+                              f"{chain.input_size}->{'-'.join(map(str, chain.hidden_sizes))} "
+                              f"chain: LinAlgError: {exc}") from exc
     total = sum(exponents)
     value = math.ldexp(round_up(math.sqrt(checked.rho)), total)
     raw_value = math.ldexp(math.sqrt(max(float(raw.t[0]), 0.0)), total)
@@ -170,6 +175,15 @@ def chain_bound(chain: Chain, options: SDPOptions = SDPOptions()) -> SDPBound:
                     checked.margin, math.ldexp(checked.rho, 2 * total),
                     original_multipliers(chain, options.form, t_cert, exponents), options.form,
                     options.solver, solved_size(solved), full.size)
+
+
+def _has_zero_map(chain: Chain) -> bool:
+    """True when a weight matrix (the last included) is all zeros: the chain is then constant.
+
+    Its exact bound is 0; LipSDP would only approach it, and the interior-point solver fails on
+    the singular system such a chain gives.
+    """
+    return any(not np.any(w) for w in (*chain.weights, chain.last))
 
 
 def _expand_multipliers(bound: SDPBound, chain: Chain, keep: list[np.ndarray],

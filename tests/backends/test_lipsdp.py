@@ -10,6 +10,7 @@ from torch import nn
 from lipverify.backends.lipsdp import LipSDPBackend, LipSDPOptions
 from lipverify.data import digits_split
 from lipverify.margins import robust_radii
+from lipverify.network.rounding import sound_outputs
 from lipverify.models import INPUT_SHAPE, load_shipped
 from lipverify.network.extract import extract_layers
 from lipverify.network.modules import GroupSort, ResidualBlock
@@ -114,7 +115,7 @@ def test_certify_uses_pairwise_radii(mlp, mlp_backend, digits):
     x, y = digits
     problem = robust_problem(x, y, 0.3)
     certs = mlp_backend.certify(mlp, problem)
-    expected = robust_radii(mlp.forward(x), y, mlp_backend.pair_bounds(mlp))
+    expected = robust_radii(sound_outputs(mlp, x), y, mlp_backend.pair_bounds(mlp))
     np.testing.assert_allclose([c.radius for c in certs], expected, rtol=1e-12)
     assert all((c.status == Status.VERIFIED) == (c.radius >= 0.3) for c in certs)
     # L-inf: the same pair bounds times sqrt(64) on the input side
@@ -150,7 +151,7 @@ def pair_product_bounds(network):
 
 def test_lipsdp_certifies_more_than_the_spectral_product(mlp, mlp_backend, digits):
     x, y = digits
-    outputs = mlp.forward(x)
+    outputs = sound_outputs(mlp, x)
     spectral = robust_radii(outputs, y, pair_product_bounds(mlp))
     lipsdp = robust_radii(outputs, y, mlp_backend.pair_bounds(mlp))
     assert np.all(lipsdp >= spectral * (1 - 1e-9))
@@ -168,3 +169,44 @@ def test_cascade_with_spectral_certifies_more(mlp, mlp_backend, digits):
     n_alone = sum(c.status == Status.VERIFIED for c in alone.best)
     n_both = sum(c.status == Status.VERIFIED for c in both.best)
     assert n_both > n_alone
+
+
+@pytest.mark.parametrize("zeroed", [0, 2, 4])
+def test_an_all_zero_weight_matrix_gives_bound_zero(tmp_path, zeroed):
+    # Issue 15, item 5: an all-zero last layer made the interior-point solver raise
+    # `LinAlgError: Internal Error`. Such a network is constant: its exact bound is 0.
+    net = small_net(2)
+    with torch.no_grad():
+        net.module[zeroed].weight.zero_()
+    net = make_network(net.module, (5,), 3)
+    backend = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path)))
+    assert backend.lipschitz(net, Norm.L2).value == 0.0
+    x = torch.randn(64, 5)
+    with torch.no_grad():
+        out = net.module(x)
+    assert torch.all(out == out[0])  # constant indeed
+    pairs = backend.pair_bounds(net)
+    assert np.all(pairs == 0.0)
+    xs = x[:4].numpy()
+    labels = out[:4].argmax(1).numpy()
+    certs = backend.certify(net, Problem.robustness(xs, labels, 3, Perturbation.ball(2, 0.5)))
+    margin_positive = np.sort(out[0].numpy())[-1] > np.sort(out[0].numpy())[-2]
+    assert all(c.status == (Status.VERIFIED if margin_positive else Status.UNKNOWN)
+               for c in certs)
+
+
+def test_lipschitz_api_reports_lipsdp_skipped_and_keeps_spectral():
+    # Issue 15, item 5: `lipverify.lipschitz(net, ["spectral", "lipsdp"])` raised on nets
+    # LipSDP cannot take, losing the spectral bound.
+    import lipverify
+
+    nets = {"groupsort": nn.Sequential(nn.Linear(4, 6), GroupSort(2), nn.Linear(6, 3)),
+            "residual": nn.Sequential(nn.Linear(4, 6), ResidualBlock(nn.Linear(6, 6), nn.ReLU()),
+                                      nn.Linear(6, 3))}
+    for kind, module in nets.items():
+        report = lipverify.lipschitz(module.eval(), ["spectral", "lipsdp"], input_shape=(4,))
+        assert [b.backend for b in report.bounds] == ["spectral"]
+        assert kind in report.skipped["lipsdp"]
+        assert report.bounds[0].value >= report.lower_bound > 0
+        with pytest.raises(lipverify.errors.InputError, match=kind):
+            lipverify.lipschitz(module.eval(), ["lipsdp"], input_shape=(4,))
