@@ -1,11 +1,15 @@
 """ONNX files to torch modules, checked against onnxruntime.
 
-onnx2torch converts the graph (an fx GraphModule); older opsets it has no converter for (e.g.
-Flatten v1 in the VNN-COMP 2021 networks) are upgraded with `onnx.version_converter` first. The
-input shape comes from the graph: a leading dimension that is symbolic or 1 is the batch. Graphs
-that cannot run on a batch (rank-1 inputs, a batch of 1 baked into a Reshape) run per sample
-(`PerSample`). The converted module must reproduce onnxruntime on random inputs, else the file is
-refused.
+onnx2torch converts the graph (an fx GraphModule). Before that, shape computations (`Shape`,
+`Gather`, `Concat`... feeding a Reshape or a Pad, as exporters write `x.view(x.size(0), -1)`,
+`nn.Unflatten` and `nn.ZeroPad2d`) are folded to constants for the fixed input shape
+(`onnx_fold`, onnxslim), and the op versions onnx2torch lacks (opsets 18-21, and a few older ones)
+get converters (`onnx_opsets`). Older opsets still missing a converter (e.g. Flatten v1 in the
+VNN-COMP 2021 networks) are upgraded with `onnx.version_converter`. The input shape comes from the
+graph: a leading dimension that is symbolic or 1 is the batch. Graphs that cannot run on a batch
+(rank-1 inputs, a batch of 1 baked into a Reshape) run per sample (`PerSample`). The converted
+module must reproduce onnxruntime running the original file on random inputs, else the file is
+refused. docs/onnx.md has the whole story.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper, version_converter
-from torch import nn
+from onnx import helper, numpy_helper, version_converter
+from torch import fx, nn
 
 from lipverify.errors import ModelError
 from lipverify.network._torchvision_compat import import_onnx2torch
 from lipverify.network.fx_extract import PerSample
 from lipverify.network.layers import Shape
+from lipverify.network.onnx_fold import fold_shapes, needs_folding
+from lipverify.network.onnx_opsets import refusal, register_converters, rewrite_exact
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +45,17 @@ _FLOAT = onnx.TensorProto.FLOAT
 
 @dataclass(frozen=True, eq=False)
 class OnnxImport:
-    """A converted ONNX model: the module (batch first) and the per-sample input shape."""
+    """A converted ONNX model: the module (batch first) and the per-sample input shape.
+
+    `opset` is that of the graph converted (after an upgrade); `folded` says whether its shape
+    subgraphs were folded to constants first.
+    """
 
     module: nn.Module
     input_shape: Shape
     opset: int
     upgraded: bool
+    folded: bool = False
 
 
 def _read(path: Path) -> onnx.ModelProto:
@@ -115,8 +126,16 @@ def _sample_shape(dims: list[int | None], given: Shape | None,
     return tuple(int(d) for d in graph), batch_dim
 
 
+def _schema_version(op_type: str, opset: int, domain: str) -> int:
+    try:
+        return int(onnx.defs.get_schema(op_type, opset, domain).since_version)
+    except onnx.defs.SchemaError:
+        return opset
+
+
 def _missing_converters(model: onnx.ModelProto) -> list[str]:
-    import_onnx2torch()
+    """Each op (with its opset) that has no converter, or one that would not be exact."""
+    register_converters()
     from onnx2torch.node_converters.registry import get_converter
 
     versions = {e.domain or "": int(e.version) for e in model.opset_import}
@@ -124,17 +143,41 @@ def _missing_converters(model: onnx.ModelProto) -> list[str]:
     missing = []
     for node in model.graph.node:
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        opset = versions.get(domain, versions[""])
+        label = f"{node.domain}.{node.op_type} (opset {opset})" if domain else \
+            f"{node.op_type} (opset {opset})"
         try:
-            get_converter(node.op_type, versions.get(domain, versions[""]), domain)
+            get_converter(node.op_type, opset, domain)
         except NotImplementedError:
-            label = f"{node.domain}.{node.op_type}" if domain else node.op_type
-            missing.append(f"{label} (opset {versions.get(domain, versions[''])})")
+            missing.append(label)
+            continue
+        if not domain:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            why = refusal(node.op_type, _schema_version(node.op_type, opset, domain), attrs)
+            if why is not None:
+                missing.append(f"{label} {why}")
     return sorted(set(missing))
+
+
+def _fold(model: onnx.ModelProto, shape: Shape, batch_dim: bool,
+          path: Path) -> onnx.ModelProto | None:
+    """The graph with its shape subgraphs folded for `shape`, or None (nothing to fold)."""
+    if not needs_folding(model):
+        return None
+    fixed: list[int | None] = list(shape)
+    if batch_dim:  # symbolic even when the file says 1: a shape chain folds to -1, not 1
+        fixed.insert(0, None)
+    folded = fold_shapes(model, fixed)
+    if folded is not None:
+        log.info("%s: shape subgraphs folded (%d nodes -> %d)", path, len(model.graph.node),
+                 len(folded.graph.node))
+    return folded
 
 
 def _convert(model: onnx.ModelProto, path: Path) -> tuple[nn.Module, onnx.ModelProto]:
     """onnx2torch's GraphModule, upgrading the opset when a converter is missing."""
     onnx2torch = import_onnx2torch()
+    register_converters()
     missing = _missing_converters(model)
     if missing and _opset(model) < UPGRADE_OPSET:
         try:
@@ -154,7 +197,53 @@ def _convert(model: onnx.ModelProto, path: Path) -> tuple[nn.Module, onnx.ModelP
     except Exception as exc:  # noqa: BLE001 - a converter refusing an attribute combination
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: cannot convert to torch ({first})") from exc
-    return module.eval(), model
+    return _standard_modules(_inline_sequentials(module)).eval(), model
+
+
+# onnx2torch's element-wise `OnnxFunction(f)` whose f is a torch activation the layer walk knows
+# as a module (Tanh converts to OnnxFunction(torch.tanh)).
+_FUNCTION_MODULES: dict[object, type[nn.Module]] = {torch.tanh: nn.Tanh, torch.sigmoid: nn.Sigmoid,
+                                                    torch.relu: nn.ReLU}
+
+
+def _standard_modules(gm: fx.GraphModule) -> fx.GraphModule:
+    """onnx2torch modules that compute a torch activation replaced by that torch module."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        kind = _FUNCTION_MODULES.get(getattr(module, "function", None)) \
+            if type(module).__name__ == "OnnxFunction" else None
+        if kind is not None:
+            gm.add_submodule(node.target, kind())
+    return gm
+
+
+def _inline_sequentials(gm: fx.GraphModule) -> fx.GraphModule:
+    """Calls of an `nn.Sequential` replaced by calls of its children, in the graph.
+
+    onnx2torch converts a Conv or MaxPool with unequal begin/end pads (the dynamo exporter folds
+    a ZeroPad2d into the Conv's pads) to `Sequential(pad, conv)`; inlined, the layer walk sees
+    the two modules it maps.
+    """
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.kwargs or len(node.args) != 1:
+            continue
+        seq = gm.get_submodule(node.target)
+        if not isinstance(seq, nn.Sequential):
+            continue
+        with gm.graph.inserting_before(node):
+            value = node.args[0]
+            for name, _ in seq.named_children():
+                value = gm.graph.call_module(f"{node.target}.{name}", (value,))
+        node.replace_all_uses_with(value)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
 
 
 def _batchable(module: nn.Module, shape: Shape) -> bool:
@@ -217,13 +306,33 @@ def import_onnx(path: str | Path, input_shape: Shape | None = None) -> OnnxImpor
     shape, batch_dim = _sample_shape(dims, input_shape, path)
     if math.prod(shape) == 0:
         raise ModelError(f"{path}: the input has no elements")
-    graph, used = _convert(model, path)
+    folded = _fold(model, shape, batch_dim, path)
+    # the folded graph first; the file's own if that fails to convert or to match onnxruntime
+    # (a folder bug must not refuse a file that loads without it)
+    candidates = [folded, model] if folded is not None else [model]
+    first: ModelError | None = None
+    for candidate in candidates:
+        try:
+            module, used = _module(candidate, shape, batch_dim, path)
+            _compare_with_onnxruntime(model, module, shape, batch_dim, path)
+        except ModelError as exc:
+            log.debug("%s: %s", path, exc)
+            first = first or exc
+            continue
+        upgraded = _opset(used) != _opset(model)
+        return OnnxImport(module, shape, _opset(used), upgraded, candidate is folded)
+    assert first is not None
+    raise first
+
+
+def _module(model: onnx.ModelProto, shape: Shape, batch_dim: bool,
+            path: Path) -> tuple[nn.Module, onnx.ModelProto]:
+    """The converted graph, batched or per sample, and the graph converted."""
+    graph, used = _convert(rewrite_exact(model), path)
     if not batch_dim:
         module: nn.Module = PerSample(graph, batch_dim=False)
     elif _batchable(graph, shape):
         module = graph
     else:
         module = PerSample(graph, batch_dim=True)
-    module.eval()
-    _compare_with_onnxruntime(model, module, shape, batch_dim, path)
-    return OnnxImport(module, shape, _opset(used), used is not model)
+    return module.eval(), used
