@@ -36,6 +36,7 @@ from lipverify.errors import (
     ModelError,
     ResourceError,
 )
+from lipverify.network.layers import Activation
 from lipverify.network.network import Network
 from lipverify.network.rounding import sound_outputs
 from lipverify.network.torchify import has_asymmetric_padding, layers_to_module, needs_matrix_mode
@@ -89,6 +90,42 @@ class LirpaOptions(BackendOptions):
                                              "depends on the rest of its batch.")
 
 
+def mishandled_modules(module: torch.nn.Module) -> str | None:
+    """Why auto_LiRPA 0.3 would bound `module` wrongly as it stands, or None.
+
+    Its average pooling back-substitutes as if stride == kernel and no padding (it upsamples the
+    A matrix and pads at the end): with padding or overlapping windows the bounds are not
+    bounds (14 of 27 "verified" wrong in one sweep). The layer view turns average pooling into
+    an exact depthwise convolution, which auto_LiRPA bounds correctly.
+    """
+    for name, sub in module.named_modules():
+        if isinstance(sub, (torch.nn.AvgPool1d, torch.nn.AvgPool2d, torch.nn.AvgPool3d,
+                            torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveAvgPool2d,
+                            torch.nn.AdaptiveAvgPool3d)):
+            return (f"{name} ({type(sub).__name__}): auto_LiRPA 0.3 bounds average pooling "
+                    "wrongly; bounded as a depthwise convolution from the layer view instead")
+    return None
+
+
+def _concave_reason(slope: float) -> str:
+    return (f"LeakyReLU with negative_slope {slope:g} > 1 is concave; auto_LiRPA 0.3 relaxes "
+            "it as if convex (its bounds would not hold): use spectral or lipsdp")
+
+
+def concave_activation(network: Network) -> str | None:
+    """Why auto_LiRPA cannot bound `network`'s activations soundly (LeakyReLU slope > 1), or None.
+
+    auto_LiRPA's LeakyReLU relaxation (chord above, a line through 0 below) is valid only for
+    the convex case, negative_slope <= 1.
+    """
+    slopes = [float(m.negative_slope) for m in network.module.modules()
+              if isinstance(m, torch.nn.LeakyReLU)]
+    slopes += [float(layer.param) for layer in network.layers or ()
+               if isinstance(layer, Activation) and layer.kind == "leaky_relu"]
+    worst = max(slopes, default=0.0)
+    return _concave_reason(worst) if worst > 1 else None
+
+
 def parse_method(value: str | Method | None, default: Method) -> Method:
     """The `Method` an option names (`default` when empty)."""
     if value is None or value == "":
@@ -132,9 +169,15 @@ class LirpaAdapter:
         self._deadline = None
 
     def _build(self, network: Network, use_layers: bool) -> tuple[Any, str]:
+        concave = concave_activation(network)
+        if concave:
+            raise ModelError(concave)
         reasons = []
         candidates: list[tuple[str, Callable[[], torch.nn.Module]]] = []
-        if not use_layers and not isinstance(network.module, torch.fx.GraphModule):
+        wrong = mishandled_modules(network.module)
+        if wrong:
+            reasons.append(f"module: {wrong}")
+        elif not use_layers and not isinstance(network.module, torch.fx.GraphModule):
             candidates.append(("module", lambda: copy.deepcopy(network.module)))
         if network.layers is not None:
             if has_asymmetric_padding(network.layers):
@@ -161,6 +204,9 @@ class LirpaAdapter:
                     kinds = (ops.BoundRelu, ops.BoundLeakyRelu, ops.BoundTanh)  # sigmoid: a tanh
                     self.activations = [n for n in self.bounded._modules.values()
                                         if isinstance(n, kinds)]
+                    for node in self.activations:  # a functional leaky_relu the views missed
+                        if isinstance(node, ops.BoundLeakyRelu) and float(node.alpha) > 1:
+                            raise ModelError(_concave_reason(float(node.alpha)))
                     self._entries = self._widest_entries()
                     self._check_forward(network)
                     self._trial(network)

@@ -1,6 +1,7 @@
 """The `lirpa` / `alpha-crown` backends: equal to raw auto_LiRPA, sound against PGD, radius
 search, general properties, boxes, batching and the module fallbacks."""
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -426,3 +427,97 @@ def test_residual_mlp_is_bounded_in_matrix_mode():
         for i in range(5):
             rows = network.forward((x[i] + eps * d[i]).astype(np.float32)) @ c[i].T
             assert np.all(rows.min(axis=0) >= lower[i] - 1e-5)
+
+
+def _pool_net(seed, padding, stride, batchnorm):
+    """Issue 15, item 2: Conv - ReLU - AvgPool2d - Flatten - Linear on 2x5x5 inputs."""
+    torch.manual_seed(seed)
+    front = [nn.BatchNorm2d(2)] if batchnorm else []
+    body = nn.Sequential(*front, nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(),
+                         nn.AvgPool2d(2, stride=stride, padding=padding), nn.Flatten())
+    width = body(torch.zeros(1, 2, 5, 5)).shape[1]
+    module = nn.Sequential(*body, nn.Linear(width, 3)).eval()
+    if batchnorm:
+        with torch.no_grad():
+            module[0].running_mean.uniform_(-1, 1)
+            module[0].running_var.uniform_(0.5, 2)
+    return module
+
+
+def _pgd_margins(module, x, labels, norm, eps, steps=60, restarts=6):
+    """Smallest margin PGD finds per input, in float64 (independent of lipverify)."""
+    ref = copy.deepcopy(module).double()
+    x0 = torch.tensor(x, dtype=torch.float64)
+    lab = torch.as_tensor(labels)
+    gen = torch.Generator().manual_seed(0)
+    best = torch.full((len(x0),), np.inf, dtype=torch.float64)
+    for _ in range(restarts):
+        delta = (torch.rand(x0.shape, generator=gen, dtype=torch.float64) * 2 - 1) * eps
+        if norm == Norm.L2:
+            delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps
+        for _ in range(steps + 1):
+            delta.requires_grad_(True)
+            out = ref(x0 + delta)
+            other = out.masked_fill(nn.functional.one_hot(lab, 3).bool(), -np.inf).max(1).values
+            margin = out.gather(1, lab[:, None])[:, 0] - other
+            best = torch.minimum(best, margin.detach())
+            (grad,) = torch.autograd.grad(margin.sum(), delta)
+            with torch.no_grad():
+                if norm == Norm.LINF:
+                    delta = (delta - eps / 15 * grad.sign()).clamp(-eps, eps)
+                else:
+                    g = grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1).clamp_min(1e-12)
+                    delta = delta - eps / 8 * g
+                    scale = (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1)
+                    delta = delta * scale.view(-1, 1, 1, 1)
+    return best.numpy()
+
+
+@pytest.mark.parametrize(("padding", "stride", "batchnorm"),
+                         [(1, 2, False), (1, 2, True), (0, 1, False), (1, 1, True)])
+@pytest.mark.parametrize("backend", [LirpaBackend, AlphaCrownBackend])
+def test_average_pooling_with_padding_or_overlap_is_bounded_soundly(padding, stride, batchnorm,
+                                                                    backend):
+    # auto_LiRPA 0.3 back-substitutes average pooling as if stride == kernel and no padding:
+    # 14 of 27 "verified" were wrong in the issue's sweep. Pooling is now bounded as the exact
+    # depthwise convolution of the layer view.
+    wrong, verified = [], 0
+    for seed in range(4):
+        module = _pool_net(seed, padding, stride, batchnorm)
+        network = build_network(module, (2, 5, 5))
+        x = np.random.default_rng(seed).standard_normal((4, 2, 5, 5)).astype(np.float32)
+        with torch.no_grad():
+            labels = module(torch.as_tensor(x)).argmax(1).numpy()
+        for norm, eps in ((Norm.LINF, 0.1), (Norm.L2, 0.3)):
+            certs = backend().certify(network, Problem.robustness(
+                x, labels, 3, Perturbation.ball(norm, eps)))
+            found = _pgd_margins(module, x, labels, norm, eps)
+            for i, cert in enumerate(certs):
+                if cert.status == Status.VERIFIED:
+                    verified += 1
+                    assert cert.margin_lower <= found[i] + 1e-9
+                    if found[i] < 0:
+                        wrong.append((seed, norm, i, float(found[i])))
+    assert not wrong
+    assert verified > 0  # the check is not vacuous
+
+
+@pytest.mark.parametrize("slope", [1.5, 3.0])
+def test_concave_leaky_relu_is_refused_with_the_reason(slope):
+    # Issue 15, item 3: auto_LiRPA relaxes LeakyReLU as if convex; with negative_slope > 1 the
+    # function is concave and lirpa, alpha-crown and local verified a margin of -1.74.
+    from lipverify.backends.local_lipschitz import LocalLipschitzBackend
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 5), nn.LeakyReLU(slope), nn.Linear(5, 2)).eval()
+    network = build_network(module, (3,))
+    problem = Problem.robustness(np.zeros((1, 3), np.float32), [0], 2,
+                                 Perturbation.ball(Norm.LINF, 0.1))
+    for backend in (LirpaBackend(), AlphaCrownBackend(), LocalLipschitzBackend()):
+        why = backend.supports(network, problem)
+        assert why is not None and "concave" in why and "\n" not in why, backend.name
+    # The convex slopes (negative ones included) are still bounded.
+    for convex in (-0.5, 0.0, 0.3, 1.0):
+        ok = build_network(nn.Sequential(nn.Linear(3, 5), nn.LeakyReLU(convex),
+                                         nn.Linear(5, 2)).eval(), (3,))
+        assert LirpaBackend().supports(ok, problem) is None, convex

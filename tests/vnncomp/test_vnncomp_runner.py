@@ -170,3 +170,34 @@ def test_verifiers_alone_never_prove_the_fixed_input_instance(fixed_input_instan
     onnx, vnnlib = fixed_input_instance
     answer = run_instance(onnx, vnnlib, RunOptions(timeout=30, backends=(backend,)))
     assert answer.result in (VnncompResult.UNKNOWN, VnncompResult.TIMEOUT), answer.trace
+
+
+def _leaky_onnx(path: Path, slope: float) -> Path:
+    """y = LeakyRelu(x) with negative_slope `slope` (one input, one output)."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("LeakyRelu", ["x"], ["y"], alpha=slope)
+    graph = helper.make_graph([node], "leaky",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])])
+    import onnx
+
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+@pytest.mark.parametrize("backend", ["lirpa", "alpha-crown", "local"])
+def test_concave_leaky_relu_is_never_unsat(tmp_path, backend):
+    # Issue 15, item 3: LeakyReLU with slope 2 on x in [-1, 1] reaches y = -2, so `Y_0 <= -1.5`
+    # is satisfiable; auto_LiRPA's convex relaxation gives y >= x >= -1 and answered unsat.
+    if backend not in BackendRegistry.from_entry_points().available_names():
+        pytest.skip(f"{backend} is not available")
+    onnx = _leaky_onnx(tmp_path / "leaky.onnx", 2.0)
+    spec = tmp_path / "leaky.vnnlib"
+    spec.write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
+                    "(assert (>= X_0 -1))\n(assert (<= X_0 1))\n(assert (<= Y_0 -1.5))\n")
+    alone = run_instance(onnx, spec, RunOptions(timeout=30, backends=(backend,)))
+    assert alone.result in (VnncompResult.UNKNOWN, VnncompResult.TIMEOUT), alone.trace
+    full = run_instance(onnx, spec, RunOptions(timeout=30))
+    assert full.result == VnncompResult.SAT, full.trace
+    assert full.counterexample.y[0] <= -1.5
