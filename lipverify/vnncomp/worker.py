@@ -146,12 +146,12 @@ def backend_problem(case: SpecCase, input_shape: tuple[int, ...],
                     deadline: float | None = None) -> Problem:
     """The problem the backends see for one box: the box rounded outward to float32.
 
-    Backends compute in float32 (auto_LiRPA's tensors, the falsifier's search), and a float64
-    bound converted to float32 rounds to the nearest value, which may lie inside the box: the
-    bounds would then cover a smaller box than the one `unsat` speaks of. A box of float32
-    values survives those conversions unchanged, so its bounds hold on the whole box; the
-    falsifier may use its float32 points, at most one float32 step outside the box (within the
-    competition's tolerance, which `check.py` enforces).
+    Some backends take their box in float32 (the falsifier's search, float32 layer views), and
+    a float64 bound converted to float32 rounds to the nearest value, which may lie inside the
+    box: the bounds would then cover a smaller box than the one `unsat` speaks of. A box of
+    float32 values survives those conversions unchanged, so its bounds hold on the whole box;
+    the falsifier may use its float32 points, at most one float32 step outside the box (within
+    the competition's tolerance, which `check.py` enforces).
     """
     box = case.rounded_out(BACKEND_DTYPE)
     shape = (1, *input_shape)
