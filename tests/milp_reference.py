@@ -12,6 +12,7 @@ point is ever used as evidence (the solver's tolerances never decide a test).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,24 +31,22 @@ class Stage:
     slope: float | None
 
 
-def affine_matrix(module: nn.Module, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(A, c) with module(x) = A x + c on flattened float64 inputs, for an affine `module`."""
-    n = int(np.prod(shape))
-    with torch.no_grad():
-        basis = torch.cat([torch.zeros(1, n), torch.eye(n)]).double().reshape(n + 1, *shape)
-        out = module.double()(basis).reshape(n + 1, -1).numpy()
-    c = out[0]
-    return (out[1:] - c).T.copy(), c.copy()
-
-
 def stages_of(blocks: list[tuple[nn.Module, float | None]], shape: tuple[int, ...]) -> list[Stage]:
-    """Stages of a net given as (affine block, slope after it) pairs on inputs of `shape`."""
+    """Stages of a net given as (affine block, slope after it) pairs on inputs of `shape`.
+
+    Each block's (A, c) comes from a float64 copy (the caller's modules are left as they are)
+    evaluated at 0 and at the unit vectors.
+    """
     stages = []
     for block, slope in blocks:
-        a, c = affine_matrix(block, shape)
-        stages.append(Stage(a, c, slope))
+        block = copy.deepcopy(block).double().eval()
+        n = int(np.prod(shape))
         with torch.no_grad():
-            shape = tuple(block.double()(torch.zeros(1, *shape).double()).shape[1:])
+            basis = torch.cat([torch.zeros(1, n), torch.eye(n)]).double().reshape(n + 1, *shape)
+            out = block(basis)
+        shape = tuple(out.shape[1:])
+        out = out.reshape(n + 1, -1).numpy()
+        stages.append(Stage((out[1:] - out[0]).T.copy(), out[0].copy(), slope))
     return stages
 
 
@@ -61,8 +60,8 @@ def _interval(stages: list[Stage], lo: np.ndarray, hi: np.ndarray):
         pad = 1e-9 * (1 + np.abs(zl) + np.abs(zu))
         zl, zu = zl - pad, zu + pad
         out.append((zl, zu))
-        lo = np.minimum(np.where(zl >= 0, zl, s.slope * zl), np.where(zu >= 0, zu, s.slope * zu))
-        hi = np.maximum(np.where(zl >= 0, zl, s.slope * zl), np.where(zu >= 0, zu, s.slope * zu))
+        fl, fu = np.where(zl >= 0, zl, s.slope * zl), np.where(zu >= 0, zu, s.slope * zu)
+        lo, hi = np.minimum(fl, fu), np.maximum(fl, fu)
         # Between l < 0 < u the output reaches 0, and for a slope < 0 its max is at an end.
         lo = np.where((zl < 0) & (zu > 0), np.minimum(lo, 0.0), lo)
     return out
@@ -79,12 +78,12 @@ def min_margin(stages: list[Stage], lower: np.ndarray, upper: np.ndarray,
     lb, ub = np.full(total, -np.inf), np.full(total, np.inf)
     integrality = np.zeros(total)
     lb[:n_in], ub[:n_in] = lower, upper
-    rows = 2 * sum(widths) + sum(widths) + sum(widths)
+    rows = 4 * sum(widths)
     mat = lil_matrix((rows, total))
     rlo, rhi = np.zeros(rows), np.zeros(rows)
     r = 0
-    prev = list(range(n_in))      # variables holding the previous stage's output
-    prev_out = None               # per neuron: list of (var, coef) for the output
+    # Per neuron of the previous stage: its output as a list of (variable, coefficient).
+    prev_out = [[(j, 1.0)] for j in range(n_in)]
     start = n_in
     for s, (zl, zu), m in zip(stages[:-1], bounds, widths):
         z, p, q, d = (start + k * m + np.arange(m) for k in range(4))
@@ -97,7 +96,10 @@ def min_margin(stages: list[Stage], lower: np.ndarray, upper: np.ndarray,
         for i in range(m):
             # z_i = A_i . input + c_i
             mat[r, z[i]] = 1.0
-            _add_input(mat, r, s.a[i], prev, prev_out, -1.0)
+            for j, v in enumerate(s.a[i]):
+                if v:
+                    for var, coef in prev_out[j]:
+                        mat[r, var] -= v * coef
             rlo[r] = rhi[r] = s.c[i]
             r += 1
             # z = p + q
@@ -112,16 +114,12 @@ def min_margin(stages: list[Stage], lower: np.ndarray, upper: np.ndarray,
             rlo[r], rhi[r] = min(zl[i], 0.0), np.inf
             r += 1
         prev_out = [[(p[i], 1.0), (q[i], s.slope)] for i in range(m)]
-        prev = None
     last = stages[-1]
     row = last.a[label] - last.a[other]
     cost = np.zeros(total)
-    if prev_out is None:
-        cost[:n_in] = row
-    else:
-        for i, terms in enumerate(prev_out):
-            for var, coef in terms:
-                cost[var] += row[i] * coef
+    for i, terms in enumerate(prev_out):
+        for var, coef in terms:
+            cost[var] += row[i] * coef
     result = milp(cost, integrality=integrality, bounds=Bounds(lb, ub),
                   constraints=LinearConstraint(mat.tocsr(), rlo, rhi),
                   options={"time_limit": 20.0, "mip_rel_gap": 1e-9})
@@ -129,15 +127,3 @@ def min_margin(stages: list[Stage], lower: np.ndarray, upper: np.ndarray,
         return None
     return np.clip(result.x[:n_in], lower, upper)
 
-
-def _add_input(mat, r, coeffs, prev, prev_out, sign):
-    """Add sign * coeffs . (previous stage's output) to row r."""
-    if prev_out is None:
-        for j, v in zip(prev, coeffs):
-            if v:
-                mat[r, j] += sign * v
-        return
-    for j, v in enumerate(coeffs):
-        if v:
-            for var, coef in prev_out[j]:
-                mat[r, var] += sign * v * coef
