@@ -521,3 +521,59 @@ def test_concave_leaky_relu_is_refused_with_the_reason(slope):
         ok = build_network(nn.Sequential(nn.Linear(3, 5), nn.LeakyReLU(convex),
                                          nn.Linear(5, 2)).eval(), (3,))
         assert LirpaBackend().supports(ok, problem) is None, convex
+
+
+def _without_float32_search(adapter):
+    """`adapter` with its float32 slope search disabled (alpha-CROWN then runs in float64)."""
+    def refuse():
+        raise RuntimeError("float32 twin disabled by the test")
+    adapter._search, adapter._search_failed, adapter._make_search = None, False, refuse
+    return adapter
+
+
+@pytest.mark.parametrize("norm,eps", [(Norm.LINF, 0.03), (Norm.L2, 0.5)])
+def test_alpha_crown_searches_slopes_in_float32_and_bounds_in_float64(networks, data, norm, eps):
+    """The float32 slope search is an optimisation only: its bounds stay at least CROWN's, below
+    what PGD reaches, and within a hair of the all-float64 alpha-CROWN's."""
+    x, y = data
+    x, y = x[:32], y[:32]
+    network = networks["digits_mlp"]
+    c = _robust_c(y)
+    region = Region.of(Perturbation.ball(norm, eps), x)
+    options = LirpaOptions(alpha_iterations=20)
+    mixed_adapter = LirpaAdapter(network, options, method=Method.ALPHA_CROWN)
+    mixed = mixed_adapter.row_bounds(region, c, Method.ALPHA_CROWN)
+    assert mixed_adapter.slope_search_dtype == torch.float32
+    pure_adapter = _without_float32_search(LirpaAdapter(network, options))
+    pure = pure_adapter.row_bounds(region, c, Method.ALPHA_CROWN)
+    assert pure_adapter.slope_search_dtype == torch.float64
+    crown = pure_adapter.row_bounds(region, c, Method.CROWN)
+    assert np.all(mixed >= crown - 1e-9)
+    assert np.abs(mixed - pure).mean() < 1e-2 * np.abs(pure).mean()
+    assert abs(int((mixed.min(1) > 0).sum()) - int((pure.min(1) > 0).sum())) <= 1
+    assert np.all(mixed.min(1) <= pgd(network, x, y, norm, eps) + 1e-5)
+
+
+def test_alpha_crown_stays_sound_where_float32_overflows():
+    """Weights of 1e22 overflow float32 in the second layer: the slopes searched there are
+    garbage, and the float64 bound must still hold at sampled points of the box."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                           nn.Linear(8, 3))
+    with torch.no_grad():
+        module[0].weight.mul_(1e22)
+        module[2].weight.mul_(1e22)
+    network = load_network(module, (4,))
+    x = np.random.default_rng(0).random((3, 4)).astype(np.float32)
+    c = np.eye(3)[None, :2].repeat(3, 0) - np.eye(3)[None, 2:3]
+    eps = 0.01
+    adapter = LirpaAdapter(network, LirpaOptions(alpha_iterations=5), method=Method.ALPHA_CROWN)
+    lower = adapter.row_bounds(Region(x, Norm.LINF, np.full(3, eps)), c, Method.ALPHA_CROWN)
+    assert np.all(np.isfinite(lower))
+    double = copy.deepcopy(module).double()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        pts = x[i] + rng.choice([-eps, eps], size=(2000, 4)) * rng.random((2000, 1))
+        with torch.no_grad():
+            out = double(torch.as_tensor(pts, dtype=torch.float64)).numpy()
+        assert np.all(out @ c[i].T >= lower[i] - 1e-9 * np.abs(lower[i]))
