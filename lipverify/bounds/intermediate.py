@@ -134,16 +134,26 @@ def intermediate_bounds(chain: Chain, norms: BlockNorms, x0: torch.Tensor, rho: 
         lower, upper = c - half, c + half
         use_prop = k > 0 and (options.crown_layers is None or k <= options.crown_layers)
         if use_prop:
-            # Neurons the Lipschitz interval already fixes the sign of keep that interval.
-            neurons = torch.nonzero(((lower < 0) & (upper > 0)).any(0)).flatten()
-            earlier = sum(int(r.unstable.any(0).sum()) for r in relus)
-            affordable = options.budget is None or 2 * len(neurons) * earlier <= options.budget
-            if len(neurons) and affordable:
-                p_lo, p_up = _propagated_interval(chain, k, x0, rho, relus, options.couple,
-                                                  options.row_chunk, neurons,
+            # Neurons the Lipschitz interval already fixes the sign of keep that interval. The
+            # budget is judged per input, so an input's bounds do not depend on its batch.
+            unstable = (lower < 0) & (upper > 0)
+            chosen = unstable.any(1)
+            if options.budget is not None:
+                earlier = sum(r.unstable.sum(1) for r in relus)
+                chosen &= 2 * unstable.sum(1) * earlier <= options.budget
+            picked = torch.nonzero(chosen).flatten()
+            neurons = torch.nonzero(unstable[picked].any(0)).flatten()
+            if len(picked) and len(neurons):
+                p_lo, p_up = _propagated_interval(chain, k, x0[picked], rho[picked],
+                                                  [r.of_inputs(picked) for r in relus],
+                                                  options.couple, options.row_chunk, neurons,
                                                   options.iterations)
-                lower[:, neurons] = torch.maximum(lower[:, neurons], p_lo)
-                upper[:, neurons] = torch.minimum(upper[:, neurons], p_up)
+                at = (picked.unsqueeze(1), neurons.unsqueeze(0))
+                # Only the input's own unstable neurons take the propagated interval (the others
+                # are in the union for its batch-mates).
+                own = unstable[at]
+                lower[at] = torch.where(own, torch.maximum(lower[at], p_lo), lower[at])
+                upper[at] = torch.where(own, torch.minimum(upper[at], p_up), upper[at])
         box = torch.linalg.vector_norm(torch.maximum(upper - c, c - lower).clamp(min=0), dim=1)
         radius = torch.minimum(op_k.to(c) * post, box) * (1 + INTERMEDIATE_SLACK)
         bounds = ReluBounds(lower, upper, c, radius)

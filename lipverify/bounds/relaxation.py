@@ -68,6 +68,11 @@ class ReluBounds:
         return ReluBounds(self.lower[:, index], self.upper[:, index], self.centre[:, index],
                           self.radius)
 
+    def of_inputs(self, index: torch.Tensor) -> ReluBounds:
+        """The bounds of the inputs `index` of the batch only."""
+        return ReluBounds(self.lower[index], self.upper[index], self.centre[index],
+                          self.radius[index])
+
     def upper_slope(self) -> torch.Tensor:
         """CROWN's upper slope `u / (u - l)` on unstable neurons (1 active, 0 dead)."""
         lo, hi = self.lower.clamp(max=0), self.upper.clamp(min=0)
