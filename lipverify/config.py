@@ -43,11 +43,14 @@ class RunConfig:
     mode: str = _f("budget", "Cascade mode: 'budget' (stop when resolved) or 'radius'.")
     backends: dict[str, dict[str, Any]] = _f(
         {"attack": {}, "spectral": {}, "lirpa": {}, "local": {}, "l2prop": {},
-         "lipsdp": {}},
+         "alpha-crown": {}, "lipsdp": {}},
         "Backends to run (cheapest first) with their options.")
     device: str = _f("auto", "Device: 'auto', 'cpu' or 'cuda'.")
     seed: int = _f(0, "Random seed for attacks and sampling.")
     batch_size: int = _f(256, "Inputs per cascade batch.")
+    time_budget: float | None = _f(10.0, "Seconds per input, pooled over the run (a batch may "
+                                         "use what earlier ones left); none: no limit.")
+    time_total: float | None = _f(None, "Seconds for the whole run; none: no limit.")
     out: str | None = _f(None, "JSONL file of per-input records.")
     trust_pickle: bool = _f(False, "Allow arbitrary pickled models (runs code from the file).")
 

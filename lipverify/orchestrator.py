@@ -69,12 +69,14 @@ def _falsified_radius_conflict(index: int, falsified: Certificate, other: Certif
 def run_cascade(network: Network, problem: Problem, backends: Sequence[Verifier],
                 mode: Mode = Mode.BUDGET,
                 progress: Callable[[str, int], None] | None = None,
-                backend_timeout: float | None = None) -> Outcome:
+                backend_timeout: float | None = None,
+                stage: Callable[[str, int], None] | None = None) -> Outcome:
     """Run `backends` (cheapest first) and keep the best certificate per input.
 
     `problem.deadline` bounds the whole cascade and `backend_timeout` each backend (both
     cooperative: backends read `Problem.deadline`). Inputs left unresolved when the overall
-    deadline has passed end as `timeout`.
+    deadline has passed end as `timeout`. `stage(name, inputs)` is called as each backend
+    starts, `progress(name, inputs)` as it ends.
     """
     n = len(problem)
     best: list[Certificate | None] = [None] * n
@@ -100,6 +102,8 @@ def run_cascade(network: Network, problem: Problem, backends: Sequence[Verifier]
             skipped[backend.name] = why
             log.info("skipping %s: %s", backend.name, why)
             continue
+        if stage is not None:
+            stage(backend.name, len(todo))
         start = time.perf_counter()
         certs = backend.certify(network, sub)
         log.info("%s: %d inputs in %.3fs", backend.name, len(todo), time.perf_counter() - start)

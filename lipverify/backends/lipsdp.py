@@ -15,8 +15,9 @@ import scipy.linalg as sla
 from lipverify.backends._margin_search import deadline_of
 from lipverify.backends.base import BackendBase, BackendOptions
 from lipverify.errors import InputError, LipverifyError, ResourceError
+from lipverify.lower_bounds import LowerBoundOptions, pairwise_lower_bound
 from lipverify.margins import certificates_from_radii, margin_certificates, robust_radii
-from lipverify.network.rounding import sound_outputs
+from lipverify.network.rounding import SoundOutputs, sound_outputs
 from lipverify.network.network import Network
 from lipverify.sdp import (
     Chain,
@@ -57,6 +58,10 @@ class LipSDPOptions(BackendOptions):
         "help": "LipSDP-Neuron (one multiplier per neuron) or LipSDP-Layer (one per layer)."})
     pairwise: bool = field(default=True, metadata={
         "help": "Bound each class-pair margin f_y - f_j by its own SDP (tighter, more solves)."})
+    prune: bool = field(default=True, metadata={
+        "help": "At a fixed eps, solve no pair SDP for inputs LipSDP cannot verify: those whose "
+                "margin over a proven lower bound of the pair's Lipschitz constant (gradient "
+                "norms at the inputs, checked by difference quotients) is below eps."})
     memory_budget_gb: float = field(default=8.0, metadata={
         "help": "Refuse SDPs whose estimated memory exceeds this many GiB."})
     max_size: int = field(default=3000, metadata={
@@ -302,6 +307,34 @@ class LipSDPBackend(BackendBase):
         return text
 
     # -- certificates ------------------------------------------------------------------------
+    def _hopeful(self, network: Network, problem: Problem, outputs: SoundOutputs,
+                 factor: float) -> np.ndarray:
+        """Inputs LipSDP may still verify at eps (all, in radius mode or without `prune`).
+
+        LipSDP's bound of `f_y - f_j` is at least its true Lipschitz constant, which is at least
+        any checked gradient norm: `margin / lower bound` bounds the radius LipSDP can reach.
+        Computed only when a needed pair is not cached yet (then pruning saves solves).
+        """
+        labels = problem.labels
+        everyone = np.ones(len(problem), bool)
+        eps = problem.perturbation.eps
+        if not (self.options.prune and self.options.pairwise) or problem.want_radius \
+                or eps <= 0 or not len(problem):
+            return everyone
+        cache = self._cache(network)
+        k = network.num_outputs
+        if all(cache.get(f"pair:{min(y, j)}-{max(y, j)}") is not None
+               for y in {int(t) for t in labels} for j in range(k) if j != y):
+            return everyone
+        data = np.asarray(problem.perturbation.centres(problem.inputs))
+        low = pairwise_lower_bound(network, data, norm=Norm.L2, options=LowerBoundOptions(
+            max_points=len(data), random_points=0)).values
+        reach = robust_radii(outputs, labels, low * factor)
+        hopeful = reach >= eps
+        log.info("lipsdp: %d of %d inputs can still verify at eps %g", int(hopeful.sum()),
+                 len(problem), eps)
+        return hopeful
+
     def certify(self, network: Network, problem: Problem) -> list[Certificate]:
         """Certificates from centre margins and (pairwise) LipSDP bounds.
 
@@ -318,17 +351,19 @@ class LipSDPBackend(BackendBase):
             outputs = sound_outputs(network, pert.centres(problem.inputs))
             labels = problem.labels
             if labels is not None:
+                hopeful = self._hopeful(network, problem, outputs, factor)
                 if self.options.pairwise:
-                    pairs = self.pair_bounds(network, labels, deadline)
+                    pairs = self.pair_bounds(network, labels[hopeful], deadline)
                 else:
                     pairs = np.full((network.num_outputs,) * 2, round_up(
                         math.sqrt(2.0) * self.global_bound(network, deadline)))
                 pairs = np.nextafter(pairs * factor, np.inf)
                 radii = robust_radii(outputs, labels, pairs)
-                late = ~np.all(np.isfinite(pairs[labels]), axis=1)
+                late = ~np.all(np.isfinite(pairs[labels]), axis=1) & hopeful
                 seconds = time.perf_counter() - start
                 eps = pert.enclosing_radius(norm)
-                details = [{"method": self._method()} for _ in radii]
+                details = [{"method": self._method()} if h else
+                           {"method": self._method(), "pruned": PRUNED} for h in hopeful]
                 certs = certificates_from_radii(radii, eps, self.name, seconds, details)
                 return _timed_out(certs, late)
             missed: list[bool] = []
@@ -346,6 +381,10 @@ class LipSDPBackend(BackendBase):
             per = (time.perf_counter() - start) / max(len(problem), 1)
             return [Certificate(Status.ERROR, self.name, seconds=per,
                                 details={"error": str(exc)}) for _ in range(len(problem))]
+
+
+PRUNED = "cannot reach eps: margin / (checked gradient-norm lower bound of the pair's Lipschitz " \
+    "constant) < eps"
 
 
 def _timed_out(certs: list[Certificate], late: np.ndarray) -> list[Certificate]:

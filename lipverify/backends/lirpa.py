@@ -202,7 +202,9 @@ class AlphaCrownBackend(LirpaBackend):
     Proves the same kind of bound as `lirpa` (sound lower bounds on property margins over the
     ball or box), never looser than CROWN's at the start of the optimisation and usually
     tighter. Radius searches start from CROWN's certified radius. Cost: `alpha_iterations`
-    forward-backward passes per bound (60 in the cascade).
+    forward-backward passes per bound, each in float32 for the slope search, then one float64
+    CROWN pass with the slopes found (45 in the cascade: after l2prop, before LipSDP, whose
+    class-pair SDPs cost far more on MLPs).
 
     Args:
         options: `LirpaOptions`; `alpha_iterations` and `alpha_lr` tune the optimisation.
@@ -214,5 +216,5 @@ class AlphaCrownBackend(LirpaBackend):
     """
 
     name: ClassVar[str] = "alpha-crown"
-    cost: ClassVar[int] = 60
+    cost: ClassVar[int] = 45
     default_method: ClassVar[Method] = Method.ALPHA_CROWN

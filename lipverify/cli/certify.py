@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +39,22 @@ examples:
 """
 
 
-def _eps(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"eps must be a number, got {text!r}") from exc
-    if not np.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"eps must be a positive finite number, got {text}")
-    return value
+def _positive(what: str) -> Callable[[str], float]:
+    """An argparse type: a positive finite number, errors naming `what`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from exc
+        if not np.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{what} must be a positive finite number, got "
+                                             f"{text}")
+        return value
+    return parse
+
+
+_eps = _positive("eps")
+_seconds = _positive("seconds")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +92,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="Override a config key, e.g. backends.lipsdp.solver=CLARABEL.")
     p.add_argument("--json", action="store_true", help="Print the summary as JSON on stdout.")
+    p.add_argument("--time-budget", type=_seconds, default=None, metavar="SECONDS",
+                   help="Seconds per input, pooled over the run: the batch ending at input n "
+                        "stops at n x SECONDS from the start; unresolved inputs are 'timeout'. "
+                        f"Default {RunConfig().time_budget:g}.")
+    p.add_argument("--time-total", type=_seconds, default=None, metavar="SECONDS",
+                   help="Seconds for the whole run (default: no limit).")
     p.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     p.set_defaults(run=run)
 
@@ -92,7 +107,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     config = load_config(args.config) if args.config else RunConfig()
     config = apply_overrides(config, args.set)
     explicit: dict = {}
-    for key in ("data", "limit", "norm", "eps", "mode", "batch_size", "seed", "arch"):
+    for key in ("data", "limit", "norm", "eps", "mode", "batch_size", "seed", "arch",
+                "time_budget", "time_total"):
         if getattr(args, key, None) is not None:
             explicit[key] = getattr(args, key)
     if args.model is not None:
@@ -132,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     done = frozenset((r["index"], r["eps_key"]) for r in previous)
     eps_values = tuple(float(e) for e in config.eps)
     job = CertifyJob(x, y, eps_values, norm, tuple(backends), Mode(config.mode),
-                     config.batch_size, done)
+                     config.batch_size, done, config.time_budget, config.time_total)
     keys = {eps_key(e) for e in eps_values}
     total = len(x) * len(eps_values) - sum(1 for _, k in done if k in keys)
     records = list(previous)
@@ -141,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(RecordWriter(out, resume=args.resume)) if out else None
         stack.callback(bar.close)
-        for batch in iter_records(network, job, progress=bar.update):
+        def stage(name: str, inputs: int) -> None:
+            bar.set_postfix_str(f"{name} on {inputs}")
+
+        for batch in iter_records(network, job, progress=bar.update, stage=stage):
             records.extend(batch)
             if writer is not None:
                 writer.write(batch)
@@ -151,5 +170,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(format_table(summary, names_run, norm.value))
+        print(format_table(summary, names_run, norm.value, config.mode))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,18 @@ from lipverify.run.records import eps_key, finite
 from lipverify.types import Certificate, Norm, Perturbation, Problem
 
 DEFAULT_BATCH = 256
+# The first batch is small so the first records (and the progress bar) come within seconds;
+# later batches double up to the batch size (bigger batches amortise global bounds).
+FIRST_BATCH = 16
+
+
+def batch_sizes(total: int, most: int, first: int = FIRST_BATCH) -> Iterator[int]:
+    """Sizes of consecutive batches covering `total` inputs: `first`, doubling up to `most`."""
+    size = max(1, min(first, most))
+    while total > 0:
+        yield min(size, total)
+        total -= size
+        size = min(2 * size, most)
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,33 @@ class CertifyJob:
     mode: Mode = Mode.BUDGET
     batch_size: int = DEFAULT_BATCH
     done: frozenset[tuple[int, str]] = field(default_factory=frozenset)
+    time_per_input: float | None = None
+    time_total: float | None = None
+    first_batch: int = FIRST_BATCH
+
+
+class TimeBudget:
+    """Deadlines of consecutive batches from a per-input and a total budget (seconds).
+
+    Per-input time is pooled: a batch may use what earlier batches left unused, so the
+    deadline of the batch ending at input n is `start + n * per_input` (capped by the total).
+    """
+
+    def __init__(self, per_input: float | None, total: float | None) -> None:
+        self.start = time.monotonic()
+        self.per_input = per_input
+        self.total = total
+        self.inputs = 0
+
+    def next_deadline(self, inputs: int) -> float | None:
+        """The deadline of the next batch of `inputs` inputs (None: no budget)."""
+        self.inputs += inputs
+        ends = []
+        if self.per_input is not None:
+            ends.append(self.start + self.per_input * self.inputs)
+        if self.total is not None:
+            ends.append(self.start + self.total)
+        return min(ends) if ends else None
 
 
 def _record(index: int, eps: float, label: int, predicted: int, best: Certificate,
@@ -49,18 +89,27 @@ def _record(index: int, eps: float, label: int, predicted: int, best: Certificat
 
 
 def iter_records(network: Network, job: CertifyJob,
-                 progress: Callable[[int], None] | None = None) -> Iterator[list[dict]]:
-    """Run the cascade batch by batch; yield each batch's records as soon as it is done."""
+                 progress: Callable[[int], None] | None = None,
+                 stage: Callable[[str, int], None] | None = None) -> Iterator[list[dict]]:
+    """Run the cascade batch by batch; yield each batch's records as soon as it is done.
+
+    `progress(inputs)` follows finished batches, `stage(backend, inputs)` each backend start.
+    """
     predicted = np.argmax(network.forward(job.inputs), axis=1) if len(job.inputs) else []
+    budget = TimeBudget(job.time_per_input, job.time_total)
     for eps in job.eps_values:
         key = eps_key(eps)
         todo = [i for i in range(len(job.inputs)) if (i, key) not in job.done]
-        for start in range(0, len(todo), job.batch_size):
-            index = np.array(todo[start:start + job.batch_size])
+        start = 0
+        for size in batch_sizes(len(todo), job.batch_size, job.first_batch):
+            index = np.array(todo[start:start + size])
+            start += size
             problem = Problem.robustness(job.inputs[index], job.labels[index],
                                          network.num_outputs, Perturbation.ball(job.norm, eps),
                                          want_radius=job.mode == Mode.RADIUS)
-            outcome: Outcome = run_cascade(network, problem, job.backends, job.mode)
+            problem = problem.with_deadline(budget.next_deadline(len(index)))
+            outcome: Outcome = run_cascade(network, problem, job.backends, job.mode,
+                                           stage=stage)
             batch = []
             for k, i in enumerate(index):
                 per = {name: certs[k] for name, certs in outcome.per_backend.items()}

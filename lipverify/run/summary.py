@@ -35,8 +35,13 @@ def summarise(records: Iterable[Mapping[str, Any]], eps_values: Sequence[float],
                                                                         strict=True)}}
 
 
-def format_table(summary: Mapping[str, Any], backends: Sequence[str], norm: str) -> str:
-    """A plain-text table: certified accuracy per eps (rows) and backend (columns)."""
+def format_table(summary: Mapping[str, Any], backends: Sequence[str], norm: str,
+                 mode: str = "budget") -> str:
+    """A plain-text table: certified accuracy per eps (rows) and backend (columns).
+
+    The footer says what the columns count: in budget mode a backend sees only the inputs the
+    cheaper ones left open, so its column is its marginal share, not what it proves alone.
+    """
     n = summary["n"] or 1
     cols = [b for b in backends if b != "attack"] + ["best"]
     head = (f"{'eps (L' + norm + ')':>12} | " + " | ".join(f"{c:>11}" for c in cols)
@@ -48,6 +53,12 @@ def format_table(summary: Mapping[str, Any], backends: Sequence[str], norm: str)
         cells = [f"{counts.get(c, 0) / n:>10.1%} " for c in cols]
         cells.append(f"{summary['falsified'].get(key, 0) / n:>10.1%} ")
         lines.append(f"{eps:>12g} | " + " | ".join(cells))
-    lines.append("(certified accuracy per backend; 'best' keeps each input's strongest "
-                 "certificate)")
+    if mode == "budget":
+        lines.append("(budget mode, backends cheapest first: a backend's column counts the inputs "
+                     "it certified among those the cheaper ones left open, not what it proves "
+                     "alone; 'best' keeps each input's strongest certificate; --mode radius or "
+                     "`lipverify compare` runs every backend on every input)")
+    else:
+        lines.append("(radius mode: every backend ran on every input not falsified; 'best' keeps "
+                     "each input's largest certified radius)")
     return "\n".join(lines)

@@ -210,3 +210,32 @@ def test_lipschitz_api_reports_lipsdp_skipped_and_keeps_spectral():
         assert report.bounds[0].value >= report.lower_bound > 0
         with pytest.raises(lipverify.errors.InputError, match=kind):
             lipverify.lipschitz(module.eval(), ["lipsdp"], input_shape=(4,))
+
+
+def _solved_pairs(backend, network):
+    cache = backend._cache(network)
+    return {f"pair:{a}-{b}" for a in range(10) for b in range(a + 1, 10)
+            if cache.get(f"pair:{a}-{b}") is not None}
+
+
+def test_pruning_solves_fewer_pairs_and_loses_no_certificate(mlp, mlp_backend, digits, tmp_path):
+    """At eps 0.6 most digits cannot be verified by any Lipschitz bound: their margin over a
+    checked gradient norm is already below eps. Pruned, LipSDP solves only the pairs of the
+    others, and verifies exactly what the unpruned run (every pair, from the shared cache)
+    verifies."""
+    x, y = digits
+    x, y = x[:60], y[:60]
+    problem = robust_problem(x, y, 0.6)
+    full = mlp_backend.certify(mlp, problem)  # every pair cached: no pruning needed
+    assert all("pruned" not in c.details for c in full)
+    pruned = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path)))
+    certs = pruned.certify(mlp, problem)
+    assert [c.status for c in certs] == [c.status for c in full]
+    assert any(c.status == Status.VERIFIED for c in certs)
+    skipped = [c for c in certs if "pruned" in c.details]
+    assert skipped and all(c.status == Status.UNKNOWN for c in skipped)
+    needed = {int(t) for t, c in zip(y, certs, strict=True) if "pruned" not in c.details}
+    solved = _solved_pairs(pruned, mlp)
+    assert solved == {f"pair:{min(t, j)}-{max(t, j)}" for t in needed for j in range(10)
+                      if j != t}
+    assert len(solved) < 45

@@ -34,7 +34,7 @@ def test_costs_order_crown_after_spectral():
     registry = BackendRegistry.from_entry_points()
     costs = {name: registry.entry(name).load().cost for name in
              ("lirpa", "local", "alpha-crown")}
-    assert costs == {"lirpa": 30, "local": 35, "alpha-crown": 60}
+    assert costs == {"lirpa": 30, "local": 35, "alpha-crown": 45}
     spectral = _registered("spectral")
     if spectral is not None:
         assert spectral.cost < costs["lirpa"]
