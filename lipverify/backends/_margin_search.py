@@ -12,13 +12,14 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from lipverify.errors import InputError, ResourceError
 from lipverify.margins import forward_error
-from lipverify.network.rounding import SoundOutputs, gamma
+from lipverify.network.rounding import SoundOutputs, gamma, sound_outputs
 from lipverify.types import (
     Certificate,
     Norm,
@@ -28,6 +29,9 @@ from lipverify.types import (
     Status,
     deadline_passed,
 )
+
+if TYPE_CHECKING:
+    from lipverify.network.network import Network
 
 # Radius search: how far the first probe may be halved or doubled before giving up.
 MAX_HALVINGS = 20
@@ -133,6 +137,29 @@ class Spec:
 def centre_violated(network: object, spec: Spec, centres: np.ndarray) -> np.ndarray:
     """Per input, whether the module's forward pass at the centre violates the property."""
     return spec.combine(spec.row_values(network.forward(centres))) < 0
+
+
+@dataclass(frozen=True, eq=False)
+class CentreFacts:
+    """What a margin search knows before bounding: each input's region, the property's rows,
+    their sound slack at the centre, the rows' computed values there (`values`, and the
+    property's value `centre`), and whether the centre itself violates the property."""
+
+    region: Region
+    spec: Spec
+    slack: np.ndarray
+    values: np.ndarray
+    centre: np.ndarray
+    violated: np.ndarray
+
+    @classmethod
+    def of(cls, network: Network, problem: Problem) -> CentreFacts:
+        region = Region.of(problem.perturbation, problem.inputs)
+        outputs = sound_outputs(network, region.centres)
+        spec = Spec.build(problem.properties, network.num_outputs)
+        values = spec.row_values(outputs.values)
+        return cls(region, spec, spec.slack(outputs), values, spec.combine(values),
+                   centre_violated(network, spec, region.centres))
 
 
 @dataclass(frozen=True, eq=False)

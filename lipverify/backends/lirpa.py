@@ -24,11 +24,11 @@ from lipverify.backends._lirpa_compat import (
     lirpa_availability,
 )
 from lipverify.backends._margin_search import (
+    CentreFacts,
     Outcomes,
     Region,
     Spec,
     bisect_radius,
-    centre_violated,
     deadline_of,
     first_radius,
 )
@@ -39,7 +39,6 @@ from lipverify.errors import (
     ModelError,
 )
 from lipverify.network.network import Network
-from lipverify.network.rounding import sound_outputs
 from lipverify.types import Certificate, Norm, Problem, Scope, deadline_passed
 
 log = logging.getLogger(__name__)
@@ -128,12 +127,9 @@ class LirpaBackend(BackendBase):
             adapter = self.adapter(network, deadline)
         except OutOfTime:
             adapter = None
-        region = Region.of(problem.perturbation, problem.inputs)
-        outputs = sound_outputs(network, region.centres)
-        spec = Spec.build(problem.properties, network.num_outputs)
-        slack = spec.slack(outputs)
-        violated = centre_violated(network, spec, region.centres)
-        centre = spec.combine(spec.row_values(outputs.values))
+        facts = CentreFacts.of(network, problem)
+        region, spec, slack, violated, centre = (facts.region, facts.spec, facts.slack,
+                                                 facts.violated, facts.centre)
         eps = problem.perturbation.eps
         n = len(problem)
         if adapter is None or deadline_passed(deadline):

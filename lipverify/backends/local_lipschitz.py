@@ -51,11 +51,11 @@ from lipverify.backends._lirpa_adapter import LirpaAdapter, LirpaOptions
 from lipverify.backends._lirpa_compat import MODULE, lirpa_availability
 from lipverify.backends._local_jacobian import DENSE_NORM_LIMIT, LocalJacobian, slope_interval
 from lipverify.backends._margin_search import (
+    CentreFacts,
     Outcomes,
     Region,
     Spec,
     bisect_radius,
-    centre_violated,
     deadline_of,
     first_radius,
 )
@@ -64,7 +64,6 @@ from lipverify.errors import BackendUnavailable, LipverifyError, ModelError
 from lipverify.margins import LIPSCHITZ_REL_SLACK
 from lipverify.network.layers import Activation, Conv, Dense, Reshape, Residual, Shift
 from lipverify.network.network import Network
-from lipverify.network.rounding import sound_outputs
 from lipverify.norms import LayerBound, layer_bound, network_bounds
 from lipverify.types import Certificate, Norm, Problem, Scope, deadline_passed
 
@@ -284,13 +283,9 @@ class LocalLipschitzBackend(BackendBase):
         """One certificate per input: the local bound at eps, and the radius when asked for."""
         start = time.perf_counter()
         deadline = deadline_of(problem, self.options.timeout)
-        region = Region.of(problem.perturbation, problem.inputs)
-        outputs = sound_outputs(network, region.centres)
-        spec = Spec.build(problem.properties, network.num_outputs)
-        slack = spec.slack(outputs)
-        violated = centre_violated(network, spec, region.centres)
-        values = spec.row_values(outputs.values)
-        centre = spec.combine(values)
+        facts = CentreFacts.of(network, problem)
+        region, spec, slack, violated, values, centre = (
+            facts.region, facts.spec, facts.slack, facts.violated, facts.values, facts.centre)
         eps = problem.perturbation.eps
 
         def row_lower(index: np.ndarray, radii: np.ndarray) -> np.ndarray:
