@@ -14,6 +14,7 @@ from lipverify.lower_bounds import (
     bilipschitz_lower_estimate,
     jacobian_lower_bound,
     pairwise_lower_bound,
+    row_lower_bounds,
 )
 from lipverify.models import INPUT_SHAPE, load_shipped
 from lipverify.network.load import load_network
@@ -61,6 +62,34 @@ def test_pairwise_on_linear_network(norm):
         exact = np.linalg.norm(w[a] - w[b], dual)
         assert 0.99 * exact <= values[a, b] <= exact
     assert np.all(np.diag(values) == 0)
+
+
+@pytest.mark.parametrize("norm", [Norm.L2, Norm.LINF])
+def test_row_bounds_on_linear_network(norm):
+    """A row `c` of a linear map has Lipschitz constant `||c W||` (dual norm) everywhere."""
+    net, w = _linear(6, 4, seed=3)
+    rows = np.random.default_rng(1).normal(size=(5, 4))
+    points = np.random.default_rng(2).random((3, 6))
+    values = row_lower_bounds(net, points, rows, norm=norm)
+    dual = 2 if norm == Norm.L2 else 1
+    exact = np.linalg.norm(rows @ w, dual, axis=1)
+    assert np.all(values <= exact) and np.all(values >= 0.99 * exact)
+
+
+def test_row_bounds_below_the_true_constant_of_a_relu_net():
+    """On a ReLU net each row's bound is at most the largest gradient norm over all linear
+    pieces the inputs can reach (enumerated on a dense sample): never above the truth."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 3))
+    net = load_network(model)
+    rows = np.array([[1.0, -1.0, 0.0], [0.0, 2.0, -0.5]])
+    values = row_lower_bounds(net, np.random.default_rng(0).normal(size=(4, 2)), rows)
+    w1, w2 = (m.weight.detach().double().numpy() for m in (model[0], model[2]))
+    truth = np.zeros(len(rows))
+    for pattern in itertools.product([0.0, 1.0], repeat=6):
+        g = rows @ w2 @ (np.array(pattern)[:, None] * w1)
+        truth = np.maximum(truth, np.linalg.norm(g, axis=1))
+    assert np.all(values <= truth) and np.all(values > 0)
 
 
 def test_relu_network_below_the_pattern_enumeration():

@@ -15,7 +15,7 @@ import scipy.linalg as sla
 from lipverify.backends._margin_search import deadline_of
 from lipverify.backends.base import BackendBase, BackendOptions
 from lipverify.errors import InputError, LipverifyError, ResourceError
-from lipverify.lower_bounds import LowerBoundOptions, pairwise_lower_bound
+from lipverify.lower_bounds import LowerBoundOptions, pairwise_lower_bound, row_lower_bounds
 from lipverify.margins import certificates_from_radii, margin_certificates, robust_radii
 from lipverify.network.rounding import SoundOutputs, sound_outputs
 from lipverify.network.network import Network
@@ -59,9 +59,9 @@ class LipSDPOptions(BackendOptions):
     pairwise: bool = field(default=True, metadata={
         "help": "Bound each class-pair margin f_y - f_j by its own SDP (tighter, more solves)."})
     prune: bool = field(default=True, metadata={
-        "help": "At a fixed eps, solve no pair SDP for inputs LipSDP cannot verify: those whose "
-                "margin over a proven lower bound of the pair's Lipschitz constant (gradient "
-                "norms at the inputs, checked by difference quotients) is below eps."})
+        "help": "At a fixed eps, solve no pair (or property row) SDP that cannot verify: where "
+                "the margin over a proven lower bound of the pair's or row's Lipschitz constant "
+                "(gradient norms at the inputs, checked by difference quotients) is below eps."})
     memory_budget_gb: float = field(default=8.0, metadata={
         "help": "Refuse SDPs whose estimated memory exceeds this many GiB."})
     max_size: int = field(default=3000, metadata={
@@ -335,6 +335,36 @@ class LipSDPBackend(BackendBase):
                  len(problem), eps)
         return hopeful
 
+    def _hopeful_rows(self, network: Network, problem: Problem, outputs: SoundOutputs,
+                      factor: float) -> set[bytes] | None:
+        """The property rows whose LipSDP bound could still prove them at eps on some input
+        (None: all, in radius mode or without `prune`).
+
+        As `_hopeful` for pairs: a row's bound is at least its true Lipschitz constant, which
+        is at least a checked gradient norm, so `slack / lower bound` caps its radius.
+        """
+        eps = problem.perturbation.eps
+        if not self.options.prune or problem.want_radius or eps <= 0 or not len(problem):
+            return None
+        rows = {row.tobytes(): row for prop in problem.properties for c, _ in prop.terms
+                for row in np.asarray(c, np.float64)}
+        if not rows:
+            return None
+        keys = list(rows)
+        matrix = np.stack([rows[k] for k in keys])
+        data = np.asarray(problem.perturbation.centres(problem.inputs))
+        low = row_lower_bounds(network, data, matrix) * factor
+        needed = set()
+        for prop, y in zip(problem.properties, outputs.values, strict=True):
+            for c, d in prop.terms:
+                for row, rhs in zip(np.asarray(c, np.float64), d, strict=True):
+                    key = row.tobytes()
+                    if float(row @ y - rhs) >= low[keys.index(key)] * eps:
+                        needed.add(key)
+        log.info("lipsdp: %d of %d property rows can still verify at eps %g", len(needed),
+                 len(keys), eps)
+        return needed
+
     def certify(self, network: Network, problem: Problem) -> list[Certificate]:
         """Certificates from centre margins and (pairwise) LipSDP bounds.
 
@@ -367,8 +397,11 @@ class LipSDPBackend(BackendBase):
                 certs = certificates_from_radii(radii, eps, self.name, seconds, details)
                 return _timed_out(certs, late)
             missed: list[bool] = []
+            needed = self._hopeful_rows(network, problem, outputs, factor)
 
             def row_lipschitz(row: np.ndarray) -> float:
+                if needed is not None and row.tobytes() not in needed:
+                    return math.inf  # no bound this solver proves reaches eps on this row
                 value = self.row_bound(network, row, deadline)
                 missed.append(not math.isfinite(value))
                 return round_up(value * factor)

@@ -1,5 +1,6 @@
 """The lipsdp backend: supports(), sound pair bounds, caching, certificates, cascade gain."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -16,7 +17,7 @@ from lipverify.network.extract import extract_layers
 from lipverify.network.modules import GroupSort, ResidualBlock
 from lipverify.network.network import Network
 from lipverify.orchestrator import run_cascade
-from lipverify.types import Norm, Perturbation, Problem, Scope, Status
+from lipverify.types import Norm, Perturbation, Problem, Property, Scope, Status
 
 
 def make_network(module, shape, outputs):
@@ -239,3 +240,34 @@ def test_pruning_solves_fewer_pairs_and_loses_no_certificate(mlp, mlp_backend, d
     assert solved == {f"pair:{min(t, j)}-{max(t, j)}" for t in needed for j in range(10)
                       if j != t}
     assert len(solved) < 45
+
+
+def test_property_rows_that_cannot_reach_eps_are_not_solved(mlp, mlp_backend, digits):
+    """General properties (no labels, as VNN-LIB gives them) at L2 eps 0.6: rows whose slack
+    over a checked gradient norm is below eps get no SDP, and the certificates are those of
+    the run that bounds every row."""
+    x, y = digits
+    x, y = x[:30], y[:30]
+    props = tuple(Property(Property.robust(int(t), 10).terms, 10) for t in y)
+    problem = Problem(x, props, Perturbation.ball(2, 0.6))
+    assert problem.labels is None
+    calls = []
+
+    def counting(backend):
+        real = backend.row_bound
+
+        def row_bound(network, row, deadline=None):
+            calls.append(row.tobytes())
+            return real(network, row, deadline)
+
+        backend.row_bound = row_bound
+        return backend
+
+    full = counting(LipSDPBackend(dataclasses.replace(mlp_backend.options, prune=False)))
+    everything = full.certify(mlp, problem)
+    every_row = set(calls)
+    calls.clear()
+    pruned = counting(LipSDPBackend(mlp_backend.options)).certify(mlp, problem)
+    assert [c.status for c in pruned] == [c.status for c in everything]
+    assert any(c.status == Status.VERIFIED for c in pruned)
+    assert 0 < len(set(calls)) < len(every_row)
