@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         _, first, total = run_cli(args.model, data, args.eps, out)
         records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     best = {r["index"] for r in records if r["status"] == "verified"}
-    registry = BackendRegistry()
+    registry = BackendRegistry.from_entry_points()
     problem = Problem.robustness(x, y, network.num_outputs, Perturbation.ball(2, args.eps))
     start = time.monotonic()
     alpha = registry.create("alpha-crown").certify(network, problem)
