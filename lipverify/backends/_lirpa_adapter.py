@@ -407,6 +407,17 @@ class LirpaAdapter:
             return False
         return True
 
+    def _node_bounds(self, batch: int, relu_bounds: list[tuple[torch.Tensor, torch.Tensor]]
+                     ) -> dict[str, list[torch.Tensor]]:
+        """Flat per-activation input bounds as auto_LiRPA takes them: by the name of each
+        activation's input node, in network order, reshaped to that node's shape."""
+        out = {}
+        for node, (lower, upper) in zip(self.activations, relu_bounds, strict=True):
+            pre = node.inputs[0]
+            shape = (batch, *pre.output_shape[1:])
+            out[pre.name] = [lower.reshape(shape), upper.reshape(shape)]
+        return out
+
     def split_bounds(self, region: Region, c: torch.Tensor,
                      relu_bounds: list[tuple[torch.Tensor, torch.Tensor]] | None = None
                      ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]],
@@ -424,12 +435,10 @@ class LirpaAdapter:
         """
         self._configure(Method.CROWN, region)
         x = self._bounded_tensor(region)
-        fixed, reference = {}, {}
-        for k, node in enumerate(self.activations if relu_bounds is not None else ()):
-            pre = node.inputs[0]
-            shape = (len(region), *pre.output_shape[1:])
-            pair = [relu_bounds[k][0].reshape(shape), relu_bounds[k][1].reshape(shape)]
-            (fixed if k == 0 else reference)[pre.name] = pair
+        known = self._node_bounds(len(region), relu_bounds) if relu_bounds is not None else {}
+        names = list(known)
+        fixed = {name: known[name] for name in names[:1]}
+        reference = {name: known[name] for name in names[1:]}
         # Later layers' bounds are recomputed by CROWN only where interval arithmetic leaves a
         # neuron unstable (auto_LiRPA's sparse intermediate bounds, 4-5x faster on MLPs; with
         # the known bounds as its reference instead, it was slower and looser).
@@ -466,11 +475,7 @@ class LirpaAdapter:
         """
         self._configure(Method.CROWN, region)
         x = self._bounded_tensor(region)
-        fixed = {}
-        for k, node in enumerate(self.activations):
-            pre = node.inputs[0]
-            shape = (len(region), *pre.output_shape[1:])
-            fixed[pre.name] = [relu_bounds[k][0].reshape(shape), relu_bounds[k][1].reshape(shape)]
+        fixed = self._node_bounds(len(region), relu_bounds)
         args = self.bounded.bound_opts["optimize_bound_args"]
         saved = dict(args)
         args.update({"enable_alpha_crown": True, "enable_beta_crown": True,

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from lipverify.backends._leaf_lp import LeafRegion, leaf_lower_bounds, relu_layers
-from lipverify.backends._lirpa_adapter import DTYPE, LirpaAdapter, LirpaOptions, OutOfTime, _help
-from lipverify.backends._margin_search import CentreFacts, Outcomes, Region, Spec, deadline_of
+from lipverify.backends._lirpa_adapter import DTYPE, LirpaAdapter, LirpaOptions, _help
+from lipverify.backends._margin_search import Outcomes, Region, Spec
 from lipverify.backends.lirpa import LirpaBackend
 from lipverify.errors import BackendUnavailable, ModelError
 from lipverify.network.layers import Activation
@@ -172,12 +172,7 @@ class BabBackend(LirpaBackend):
     def certify(self, network: Network, problem: Problem) -> list[Certificate]:
         """One certificate per input: verified when every leaf of its split tree is."""
         start = time.perf_counter()
-        deadline = deadline_of(problem, self.options.timeout)
-        try:
-            adapter = self.adapter(network, deadline)
-        except OutOfTime:
-            adapter = None
-        facts = CentreFacts.of(network, problem)
+        deadline, adapter, facts = self._start(network, problem)
         region, spec, slack, violated, centre = (facts.region, facts.spec, facts.slack,
                                                  facts.violated, facts.centre)
         n = len(problem)

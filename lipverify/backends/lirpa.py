@@ -119,15 +119,21 @@ class LirpaBackend(BackendBase):
             return str(exc)
         return None
 
-    def certify(self, network: Network, problem: Problem) -> list[Certificate]:
-        """One certificate per input: bounds at eps, and the radius when asked for."""
-        start = time.perf_counter()
+    def _start(self, network: Network, problem: Problem
+               ) -> tuple[float | None, LirpaAdapter | None, CentreFacts]:
+        """The deadline, the adapter (None when building it ran out of time) and the centre
+        facts: what `certify` needs before its first bound."""
         deadline = deadline_of(problem, self.options.timeout)
         try:
             adapter = self.adapter(network, deadline)
         except OutOfTime:
             adapter = None
-        facts = CentreFacts.of(network, problem)
+        return deadline, adapter, CentreFacts.of(network, problem)
+
+    def certify(self, network: Network, problem: Problem) -> list[Certificate]:
+        """One certificate per input: bounds at eps, and the radius when asked for."""
+        start = time.perf_counter()
+        deadline, adapter, facts = self._start(network, problem)
         region, spec, slack, violated, centre = (facts.region, facts.spec, facts.slack,
                                                  facts.violated, facts.centre)
         eps = problem.perturbation.eps
