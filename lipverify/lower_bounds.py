@@ -164,6 +164,20 @@ def _quotients(f: _Function, x: torch.Tensor, v: torch.Tensor, norm: Norm,
     return torch.where(bottom > 0, top / bottom.clamp_min(1e-300), torch.zeros_like(top))
 
 
+def _checked_gradient_norms(f: _Function, points: torch.Tensor, grad: torch.Tensor, norm: Norm,
+                            coeffs: torch.Tensor) -> torch.Tensor:
+    """Per point the dual norm of `grad` (the gradient of `coeffs . f` there), capped by a
+    difference quotient along its steepest direction and shaded for rounding: a lower bound
+    on the Lipschitz constant of `coeffs . f`."""
+    if norm == Norm.L2:
+        v = grad / torch.linalg.vector_norm(grad, dim=1, keepdim=True).clamp_min(1e-300)
+    else:
+        v = torch.sign(grad)
+    q = _quotients(f, points, v, norm, coeffs)
+    dual = 2.0 if norm == Norm.L2 else 1.0
+    return torch.minimum(q, torch.linalg.vector_norm(grad, ord=dual, dim=1)) * (1 - ROUNDING_SLACK)
+
+
 def _points(f: _Function, data: np.ndarray | None, opts: LowerBoundOptions,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
     """Flat data points, random points, and the data's spread (a length scale)."""
@@ -300,14 +314,9 @@ def pairwise_lower_bound(network: Network, data: np.ndarray | None = None, *,
     ya = torch.tensor([a for a, _ in pairs], device=x.device)
     yb = torch.tensor([b for _, b in pairs], device=x.device)
     grad = jac[rows, ya] - jac[rows, yb]
-    if norm == Norm.L2:
-        v = grad / torch.linalg.vector_norm(grad, dim=1, keepdim=True).clamp_min(1e-300)
-    else:
-        v = torch.sign(grad)
     coeffs = torch.zeros((len(pairs), k), dtype=x.dtype, device=x.device)
     coeffs[rows, ya], coeffs[rows, yb] = 1.0, -1.0
-    q = _quotients(f, points, v, norm, coeffs)
-    q = torch.minimum(q, torch.linalg.vector_norm(grad, ord=dual, dim=1)) * (1 - ROUNDING_SLACK)
+    q = _checked_gradient_norms(f, points, grad, norm, coeffs)
     values = np.zeros((k, k))
     for (a, b), value in zip(pairs, q.cpu().numpy(), strict=True):
         values[a, b] = value
@@ -332,13 +341,7 @@ def row_lower_bounds(network: Network, points: np.ndarray, rows: np.ndarray, *,
     values = torch.linalg.vector_norm(grads, ord=dual, dim=2)  # (P, r)
     best = values.argmax(dim=0)
     index = torch.arange(len(coeffs), device=jac.device)
-    grad = grads[best, index]
-    if norm == Norm.L2:
-        v = grad / torch.linalg.vector_norm(grad, dim=1, keepdim=True).clamp_min(1e-300)
-    else:
-        v = torch.sign(grad)
-    q = _quotients(f, x[best], v, norm, coeffs)
-    return (torch.minimum(q, values[best, index]) * (1 - ROUNDING_SLACK)).cpu().numpy()
+    return _checked_gradient_norms(f, x[best], grads[best, index], norm, coeffs).cpu().numpy()
 
 
 def bilipschitz_lower_estimate(network: Network, data: np.ndarray | None = None, *,
