@@ -24,6 +24,10 @@ the layer's outputs. Three sound bounds, of which `conv_norm_bound` keeps the sm
   undilated kernel per group, and for the polyphase kernel.
 - `conv_explicit_bound`: the exact matrix of the layer (built by index arithmetic, no rounding)
   and the dense bounds of `lipverify.norms.dense`, when it is small enough.
+
+For orthogonal convolutions (BCOP, invertible downsampling, SOC exported as a plain kernel)
+`lipverify.norms.orthogonal` adds `sqrt(1 + ||T^T T - I||)` of the polyphase kernel, which is
+within float error of 1 where the others keep a little slack (candidate "orthogonal").
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from lipverify.norms.dense import (
     svd_bound,
     up,
 )
+from lipverify.norms.orthogonal import grouped_orthogonal_bound
 
 # Symbol entries computed per chunk of frequencies (complex128 entries): bounds memory use.
 SYMBOL_CHUNK_ENTRIES = 2 ** 22
@@ -71,6 +76,9 @@ TWIDDLE_ERROR_PER_TAP = 64.0
 TWIDDLE_ERROR_BASE = 16.0
 # Safety factor on the symbol's rounding bound (any contraction order of the einsum).
 SYMBOL_ERROR_FACTOR = 8.0
+# Convolutions whose certified Gram deviation is at most this skip Gram iteration: their bound
+# sqrt(1 + deviation) is within 5e-6 of 1, below Gram iteration's convergence slack (~1e-5).
+ORTHOGONAL_SHORTCUT_DEVIATION = 1e-5
 
 
 def _dilated_kernel(layer: Conv) -> np.ndarray:
@@ -484,12 +492,22 @@ class ConvNormBound:
 
 def conv_norm_bound(layer: Conv, twist_candidates: int = TWIST_CANDIDATES,
                     explicit_max_entries: int = EXPLICIT_MAX_ENTRIES) -> ConvNormBound:
-    """Min over Gram iteration, Fantastic Four and (small layers) the exact matrix."""
-    gram = conv_gram_bound(layer, twist_candidates)
-    cands = {"gram": gram.value, "fantastic_four": fantastic_four_bound(layer)}
-    semi = conv_semi_explicit_bound(layer, gram.twist)
-    if math.isfinite(semi):
-        cands["semi_explicit"] = semi
+    """Min over Gram iteration, Fantastic Four, the Gram deviation and (small) the exact matrix.
+
+    A near-orthogonal layer (Gram deviation at most `ORTHOGONAL_SHORTCUT_DEVIATION`) skips the
+    Gram-iteration and semi-explicit bounds, which cost seconds on large layers: its bound is
+    then within 5e-6 of 1, and they could only be smaller where zero padding on a tiny image
+    pulls the layer's norm below 1 (such layers are small, and keep the exact-matrix bound).
+    """
+    orthogonal = grouped_orthogonal_bound(polyphase(layer).kernel)
+    cands = {"orthogonal": orthogonal.value, "fantastic_four": fantastic_four_bound(layer)}
+    gram = None
+    if orthogonal.deviation > ORTHOGONAL_SHORTCUT_DEVIATION:
+        gram = conv_gram_bound(layer, twist_candidates)
+        cands["gram"] = gram.value
+        semi = conv_semi_explicit_bound(layer, gram.twist)
+        if math.isfinite(semi):
+            cands["semi_explicit"] = semi
     explicit = conv_explicit_bound(layer, explicit_max_entries)
     if explicit is not None:
         cands["explicit_" + explicit.method] = explicit.value

@@ -47,6 +47,7 @@ from lipverify.norms.dense import (
     norm2_upper,
     up,
 )
+from lipverify.norms.orthogonal import dense_orthogonal_bound
 from lipverify.types import Norm
 
 SQRT2_UP = float(up(math.sqrt(2.0)))
@@ -104,10 +105,14 @@ def _generic_inf_to_l2(l2: float, linf: float, n_in: int, n_out: int) -> float:
 def _dense(layer: Dense) -> LayerBound:
     w = layer.weight.detach().cpu().numpy().astype(np.float64)
     spec = matrix_norm_bound(w)
-    return LayerBound("dense", spec.value, dense_inf_norm_bound(w),
+    if not w.size:
+        return LayerBound("dense", 0.0, 0.0, 0.0, spec.method, spec.candidates)
+    cands = {**spec.candidates, "orthogonal": dense_orthogonal_bound(w).value}
+    method = min(cands, key=cands.get)
+    return LayerBound("dense", cands[method], dense_inf_norm_bound(w),
                       min(dense_inf_to_two_bound(w),
-                          mul_up(float(up(math.sqrt(w.shape[1]))), spec.value)),
-                      spec.method, spec.candidates)
+                          mul_up(float(up(math.sqrt(w.shape[1]))), cands[method])),
+                      method, cands)
 
 
 def _conv(layer: Conv, options: BoundOptions) -> LayerBound:
