@@ -19,12 +19,16 @@ from lipverify.network.network import Network
 DEFAULT_MODEL = "digits_mlp"
 
 
-def add_model_args(parser: argparse.ArgumentParser, positional: bool = False) -> None:
-    """--model (or MODEL), --arch, --input-shape, --trust-pickle, --device."""
+def add_model_args(parser: argparse.ArgumentParser, positional: bool = False,
+                   model_optional: bool = False) -> None:
+    """--model (or MODEL), --arch, --input-shape, --trust-pickle, --device.
+
+    `model_optional` makes the positional MODEL optional (for a subcommand with another source).
+    """
     help_model = (f"Model: a shipped name ({', '.join(ARCHITECTURES)}), a .onnx file, or a .pt "
                   "file (state dict with --arch, or TorchScript).")
     if positional:
-        parser.add_argument("model", help=help_model)
+        parser.add_argument("model", help=help_model, **({"nargs": "?"} if model_optional else {}))
     else:
         parser.add_argument("--model", default=None, help=help_model +
                             f" Default: {DEFAULT_MODEL}.")
