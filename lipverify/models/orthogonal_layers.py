@@ -28,6 +28,8 @@ from torch.nn.utils import parametrize
 
 from lipverify.network.modules import MaxMin
 
+INPUT_SHAPE = (1, 8, 8)  # of `digits_orthogonal_cnn` (read by `--arch ...:digits_orthogonal_cnn`)
+
 
 def orthogonal_matrix(raw: torch.Tensor) -> torch.Tensor:
     """`exp(A - A^T)`: an orthogonal matrix for any square `raw` (differentiable)."""
@@ -113,6 +115,8 @@ def _parametrise(module: nn.Module, raw_shape: tuple[int, ...], weight: nn.Modul
     del module.weight
     module.weight = nn.Parameter(0.1 * torch.randn(raw_shape, generator=generator))
     parametrize.register_parametrization(module, "weight", weight, unsafe=True)
+    with torch.no_grad():  # torch drew it from the global generator: seeded models need zeros
+        module.bias.zero_()
 
 
 class BCOPConv2d(nn.Conv2d):
@@ -138,9 +142,9 @@ class OrthogonalDownsample(nn.Conv2d):
 class OrthogonalLinear(nn.Linear):
     """`nn.Linear` with an orthogonal weight (orthonormal rows when `out < in`, else columns).
 
-    Like `torch.nn.utils.parametrizations.orthogonal`, but the weight is computed in float64 and
-    rounded to float32 (see `_float32_weight`), so the module's layer view passes lipverify's
-    float64 check.
+    Like `torch.nn.utils.parametrizations.orthogonal` (which lipverify reads as well), with the
+    weight computed in float64 and rounded to float32 like the other layers here
+    (`_float32_weight`).
     """
 
     def __init__(self, in_features: int, out_features: int,
@@ -193,7 +197,7 @@ def _plain(module: nn.Conv2d | nn.Linear) -> nn.Module:
     return plain
 
 
-def train_digits(model: nn.Module, epochs: int = 8, temperature: float = 16.0, lr: float = 0.02,
+def train_digits(model: nn.Module, epochs: int = 8, temperature: float = 32.0, lr: float = 0.02,
                  seed: int = 0) -> float:
     """A short Adam run on scikit-learn's digits; returns the training accuracy.
 

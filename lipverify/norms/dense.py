@@ -125,23 +125,28 @@ def svd_relative_slack(m: int, n: int) -> float:
     return SVD_ERROR_CONSTANT * m * n * math.sqrt(max(min(m, n), 1)) * EPS64
 
 
-def svd_bound(matrix: np.ndarray) -> float:
+def svd_bound(matrix: np.ndarray) -> float | np.ndarray:
     """Largest singular value in float64, inflated by `svd_relative_slack` (sound upper bound).
 
     With backward error `||E||_2 <= slack * ||M||_2`, Weyl gives
     `||M||_2 <= sigma_hat + slack ||M||_2`, i.e. `||M||_2 <= sigma_hat / (1 - slack)`. Complex
-    matrices get twice the slack (a complex flop is a few real ones).
+    matrices get twice the slack (a complex flop is a few real ones). A batch `(B, m, n)` gives
+    an array of `B` bounds, one matrix a float.
     """
     a = np.asarray(matrix)
     a = a.astype(np.complex128 if np.iscomplexobj(a) else np.float64, copy=False)
+    if a.ndim == 3:
+        if a.size == 0:
+            return np.zeros(a.shape[0])
+        m, n = a.shape[1:]
+        slack = svd_relative_slack(m, n) * (2.0 if np.iscomplexobj(a) else 1.0)
+        if slack >= 0.5:
+            return norm2_upper(a, (1, 2))
+        sigma = np.linalg.svd(a, compute_uv=False)[:, 0]
+        return up(up(sigma) / down(1.0 - slack))
     if a.size == 0:
         return 0.0
-    m, n = a.shape
-    slack = svd_relative_slack(m, n) * (2.0 if np.iscomplexobj(a) else 1.0)
-    if slack >= 0.5:
-        return frobenius_upper(a)
-    sigma = float(np.linalg.svd(a, compute_uv=False)[0])
-    return float(up(up(sigma) / down(1.0 - slack)))
+    return float(svd_bound(a[None])[0])
 
 
 @dataclass(frozen=True)

@@ -73,28 +73,31 @@ def _overlap(k: int, d: int) -> tuple[slice, slice]:
     return slice(max(0, -d), k - max(0, d)), slice(max(0, d), k + min(0, d))
 
 
-def _offset_deviation(kernel: np.ndarray, d1: int, d2: int) -> tuple[float, np.ndarray]:
-    """For one offset: a bound of `||M[d] - [d = 0] I||_2`, and an entrywise bound of its moduli."""
-    co, ci, k1, k2 = kernel.shape
+def _offset_deviation(kernels: np.ndarray, d1: int, d2: int) -> tuple[np.ndarray, np.ndarray]:
+    """For one offset, per kernel of a batch `(G, co, ci, k1, k2)`: a bound of
+    `||M[d] - [d = 0] I||_2` `(G,)`, and an entrywise bound of its moduli `(G, ci, ci)`."""
+    _, _, ci, k1, k2 = kernels.shape
     (a1, b1), (a2, b2) = _overlap(k1, d1), _overlap(k2, d2)
-    left, right = kernel[:, :, a1, a2], kernel[:, :, b1, b2]
-    axes = ([0, 2, 3], [0, 2, 3])
-    m = np.tensordot(left, right, axes=axes)
-    terms = co * left.shape[2] * left.shape[3]
+    g = kernels.shape[0]
+    # (G, ci, co * taps): M[d] = left @ right^T, a batched matrix product
+    left = kernels[:, :, :, a1, a2].transpose(0, 2, 1, 3, 4).reshape(g, ci, -1)
+    right = kernels[:, :, :, b1, b2].transpose(0, 2, 1, 3, 4).reshape(g, ci, -1)
+    m = left @ right.transpose(0, 2, 1)
+    terms = left.shape[2]
     # The computed sum of |products| may itself be low by gamma_n: MATMUL_ERROR_FACTOR covers it.
-    err = MATMUL_ERROR_FACTOR * gamma(terms + 2) * np.tensordot(
-        np.abs(left), np.abs(right), axes=axes) + terms * UNDERFLOW_ABS
+    err = MATMUL_ERROR_FACTOR * gamma(terms + 2) * (
+        np.abs(left) @ np.abs(right).transpose(0, 2, 1)) + terms * UNDERFLOW_ABS
     if d1 == 0 and d2 == 0:
         m = m - np.eye(ci)  # one rounding per diagonal entry: covered by the 4u below
     err = up(err * (1 + 4 * EPS64) + 4 * EPS64 * np.abs(m))
     entries = up(np.abs(m) + err)
-    frobenius = float(norm2_upper(entries))
-    spectral = float(up(svd_bound(m) + float(norm2_upper(err))))
-    return min(frobenius, spectral), entries
+    frobenius = norm2_upper(entries, (1, 2))
+    spectral = up(svd_bound(m) + norm2_upper(err, (1, 2)))
+    return np.minimum(frobenius, spectral), entries
 
 
-def kernel_gram_deviation(kernel: np.ndarray) -> float:
-    """A sound bound of `||T^T T - I||_2` for the infinite-domain correlation with `kernel`.
+def kernel_gram_deviation(kernels: np.ndarray) -> np.ndarray:
+    """Sound bounds of `||T^T T - I||_2` for the infinite-domain correlation with each kernel.
 
     Two bounds, the smaller kept: the sum over offsets `d` of bounds of
     `||M[d] - [d = 0] I||_2`, and `||sum_d |M[d] - [d = 0] I| ||_2` (at every frequency the
@@ -103,16 +106,16 @@ def kernel_gram_deviation(kernel: np.ndarray) -> float:
     so only half of the offsets are computed.
 
     Args:
-        kernel: `(c_out, c_in, k1, k2)` in float64 (a dense matrix is `(m, n, 1, 1)`).
+        kernels: `(G, c_out, c_in, k1, k2)` in float64 (a dense matrix is `(1, m, n, 1, 1)`).
 
     Returns:
-        The bound.
+        One bound per kernel, `(G,)`.
 
     """
-    k = np.asarray(kernel, dtype=np.float64)
-    _, ci, k1, k2 = k.shape
+    k = np.asarray(kernels, dtype=np.float64)
+    g, _, ci, k1, k2 = k.shape
     parts = []
-    dominant = np.zeros((ci, ci))
+    dominant = np.zeros((g, ci, ci))
     for d1 in range(0, k1):
         for d2 in range(-(k2 - 1), k2):
             if d1 == 0 and d2 < 0:
@@ -123,27 +126,34 @@ def kernel_gram_deviation(kernel: np.ndarray) -> float:
                 dominant = up(dominant + entries)
             else:
                 parts.append(2.0 * value)
-                dominant = up(up(dominant + entries) + entries.T)
-    by_offset = float(abs_sum_upper(np.asarray(parts)))
-    summed = min(float(norm2_upper(dominant)), svd_bound(dominant))
-    return min(by_offset, summed)
+                dominant = up(up(dominant + entries) + entries.transpose(0, 2, 1))
+    by_offset = abs_sum_upper(np.stack(parts), 0)
+    summed = np.minimum(norm2_upper(dominant, (1, 2)), svd_bound(dominant))
+    return np.minimum(by_offset, summed)
 
 
-def _cogram_kernel(kernel: np.ndarray) -> np.ndarray:
-    """The kernel of `T^T` up to a reflection of the grid: `T T^T` has its autocorrelation."""
-    return np.ascontiguousarray(np.asarray(kernel).transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+def _cogram_kernels(kernels: np.ndarray) -> np.ndarray:
+    """The kernels of `T^T` up to a reflection of the grid: `T T^T` has their autocorrelation."""
+    return np.ascontiguousarray(np.asarray(kernels).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1])
 
 
 def _from_deviation(deviation: float, side: str) -> OrthogonalBound:
     return OrthogonalBound(float(up(math.sqrt(float(up(1.0 + deviation))))), deviation, side)
 
 
-def kernel_orthogonal_bound(kernel: np.ndarray) -> OrthogonalBound:
-    """`||T||_2 <= sqrt(1 + min(dev(T^T T), dev(T T^T)))` for a `(co, ci, k1, k2)` kernel."""
-    k = np.asarray(kernel, dtype=np.float64)
+def grouped_orthogonal_bound(kernels: np.ndarray) -> OrthogonalBound:
+    """`||T||_2 <= sqrt(1 + min(dev(T^T T), dev(T T^T)))`, the largest over groups.
+
+    `kernels` is `(G, co_g, ci, k1, k2)`, the groups of a block-diagonal operator (as
+    `lipverify.norms.conv.polyphase` returns them); its norm is the largest group's.
+    """
+    k = np.asarray(kernels, dtype=np.float64)
     gram = kernel_gram_deviation(k)
-    cogram = kernel_gram_deviation(_cogram_kernel(k))
-    return _from_deviation(gram, "gram") if gram <= cogram else _from_deviation(cogram, "cogram")
+    cogram = kernel_gram_deviation(_cogram_kernels(k))
+    per_group = np.minimum(gram, cogram)
+    worst = int(np.argmax(per_group))
+    side = "gram" if gram[worst] <= cogram[worst] else "cogram"
+    return _from_deviation(float(per_group[worst]), side)
 
 
 def dense_orthogonal_bound(matrix: np.ndarray) -> OrthogonalBound:
@@ -151,11 +161,6 @@ def dense_orthogonal_bound(matrix: np.ndarray) -> OrthogonalBound:
     w = np.asarray(matrix, dtype=np.float64)
     m, n = w.shape
     if m >= n:  # W^T W is n x n: it can be the identity
-        return _from_deviation(kernel_gram_deviation(w[:, :, None, None]), "gram")
-    return _from_deviation(kernel_gram_deviation(w.T[:, :, None, None]), "cogram")
-
-
-def grouped_orthogonal_bound(kernels: np.ndarray) -> OrthogonalBound:
-    """The largest bound over groups `(G, co_g, ci, k1, k2)` (a block-diagonal operator)."""
-    per = [kernel_orthogonal_bound(k) for k in kernels]
-    return max(per, key=lambda b: b.value)
+        return _from_deviation(float(kernel_gram_deviation(w[None, :, :, None, None])[0]), "gram")
+    return _from_deviation(float(kernel_gram_deviation(w.T[None, :, :, None, None])[0]),
+                           "cogram")

@@ -101,3 +101,13 @@ def test_inf_norms_against_enumerated_vertices():
     assert dense_inf_to_two_bound(w) >= np.max(np.linalg.norm(images, axis=1)) * (
         1 - REFERENCE_RTOL)
     assert dense_inf_norm_bound(w) <= np.max(np.abs(images)) * (1 + 1e-12)
+
+
+def test_svd_bound_of_a_batch_is_each_matrix_bound():
+    rng = np.random.default_rng(7)
+    batch = rng.standard_normal((5, 6, 4))
+    got = svd_bound(batch)
+    assert got.shape == (5,)
+    for b, m in zip(got, batch, strict=True):
+        assert b == svd_bound(m)
+        assert b >= float(np.linalg.norm(m, 2)) * (1 - REFERENCE_RTOL)

@@ -73,7 +73,7 @@ def test_dense_deviation_bounds_the_exact_rational_deviation(seed):
     frac = [[Fraction(float(v)) for v in row] for row in w]
     exact = np.array([[float(sum(frac[k][i] * frac[k][j] for k in range(n))
                              - (1 if i == j else 0)) for j in range(n)] for i in range(n)])
-    deviation = kernel_gram_deviation(w[:, :, None, None])
+    deviation = float(kernel_gram_deviation(w[None, :, :, None, None])[0])
     assert deviation >= _svd_norm(exact) * (1 - 1e-9)  # float(exact) is off by ~1e-16 absolute
     assert deviation <= 3 * np.linalg.norm(exact, "fro")  # and it is not vacuous
 
