@@ -1,8 +1,9 @@
 """Sound operator-norm and Lipschitz bounds of the normalised layer view.
 
 `dense` (explicit matrices: SVD with slack, Gram iteration, rounding helpers), `conv` (the
-operator a convolution really applies), `network` (per-layer bounds and their products), and
-`power` (power iteration: labelled lower estimates only).
+operator a convolution really applies), `orthogonal` (near-orthogonal layers through their Gram
+deviation), `network` (per-layer bounds and their products), and `power` (power iteration:
+labelled lower estimates only).
 """
 
 from lipverify.norms.conv import conv_gram_bound, conv_norm_bound, fantastic_four_bound
@@ -17,6 +18,11 @@ from lipverify.norms.network import (
     pairwise_lipschitz,
     prefix_bounds,
 )
+from lipverify.norms.orthogonal import (
+    OrthogonalBound,
+    dense_orthogonal_bound,
+    grouped_orthogonal_bound,
+)
 from lipverify.norms.power import NormEstimate, layer_norm_estimate, power_iteration
 
 __all__ = [
@@ -24,10 +30,13 @@ __all__ = [
     "LayerBound",
     "NetworkBounds",
     "NormEstimate",
+    "OrthogonalBound",
     "conv_gram_bound",
     "conv_norm_bound",
+    "dense_orthogonal_bound",
     "fantastic_four_bound",
     "gram_bound",
+    "grouped_orthogonal_bound",
     "layer_bound",
     "layer_norm_bound",
     "layer_norm_estimate",
