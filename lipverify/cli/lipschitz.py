@@ -60,7 +60,8 @@ def _data(args: argparse.Namespace, network: Network) -> np.ndarray | None:
     if args.data is None:
         return None
     data, _ = load_data(args.data, limit=256)
-    return check_inputs(network, data)
+    check_inputs(network, data)
+    return data
 
 
 def run(args: argparse.Namespace) -> int:
