@@ -324,16 +324,21 @@ def pairwise_lower_bound(network: Network, data: np.ndarray | None = None, *,
 
 
 def row_lower_bounds(network: Network, points: np.ndarray, rows: np.ndarray, *,
-                     norm: Norm | str = Norm.L2) -> np.ndarray:
+                     norm: Norm | str = Norm.L2, random_points: int = 0,
+                     seed: int = 0) -> np.ndarray:
     """Per row `c` of `rows` (`(r, K)`), a lower bound on the Lipschitz constant of `c . f`.
 
-    The largest gradient norm of `c . f` over `points` (L2 norm for L2, L1 for L-infinity),
-    each checked by a difference quotient. Cheap (one Jacobian per point): it tells which
-    rows an upper bound cannot prove at a radius, before that bound is paid for.
+    The largest gradient norm of `c . f` over `points` and `random_points` random points
+    around and between them (L2 norm for L2, L1 for L-infinity), each checked by a difference
+    quotient. Cheap (one Jacobian per point): it tells which rows an upper bound cannot prove
+    at a radius, before that bound is paid for. Random points matter: a ReLU net's gradient at
+    a data point can be far below its gradients elsewhere.
     """
     norm = Norm.parse(norm)
     f = _Function(network)
-    x = f.tensor(np.asarray(points, np.float64).reshape(len(points), -1))
+    opts = LowerBoundOptions(max_points=len(points), random_points=random_points)
+    flat, rand, _ = _points(f, points, opts, np.random.default_rng(seed))
+    x = f.tensor(np.concatenate([flat, rand[:random_points]]))
     jac = f.jacobian(x).detach()  # (P, K, n)
     coeffs = torch.as_tensor(np.asarray(rows, np.float64), dtype=jac.dtype, device=jac.device)
     grads = torch.einsum("rk,pkn->prn", coeffs, jac)
