@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from lipverify.network.extract import extract_layers
 from lipverify.network.modules import GroupSort, ResidualBlock
 from lipverify.network.network import Network
 from lipverify.orchestrator import run_cascade
+from lipverify.sdp import chain_from_layers
 from lipverify.types import Norm, Perturbation, Problem, Property, Scope, Status
 
 
@@ -296,3 +298,32 @@ def test_pruning_looks_beyond_the_centre_where_the_gradient_vanishes(tmp_path):
     unpruned = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path / "all"), prune=False))
     [full] = unpruned.certify(network, problem)
     assert full.status == Status.UNKNOWN and full.radius < 0.5
+
+
+def test_estimate_is_the_unsolved_pairs_of_the_cheapest_label_times_an_sdp(mlp, digits,
+                                                                            tmp_path):
+    """Before any solve the estimate is a label's 9 pairs times the modelled SDP; once those
+    are solved it is 0 for that label and, for another label, its 8 missing pairs times the
+    measured mean solve time. The cascade skips LipSDP, solving nothing, when the estimate
+    exceeds the time left."""
+    x, y = digits
+    first, second = (np.flatnonzero(y == t)[:3] for t in (0, 1))
+    one = robust_problem(x[first], y[first], 0.01)
+    fresh = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path / "estimate")))
+    before = fresh.estimate_seconds(mlp, one)
+    chain = chain_from_layers(mlp.layers)
+    assert before == pytest.approx(9 * fresh._sdp_seconds(mlp, chain)) and before > 0
+
+    hurried = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path / "hurried")))
+    late = one.with_deadline(time.monotonic() + before / 4)
+    outcome = run_cascade(mlp, late, [hurried])
+    assert outcome.skipped["lipsdp"].startswith("estimated")
+    assert not _solved_pairs(hurried, mlp)
+
+    fresh.certify(mlp, one)
+    assert len(_solved_pairs(fresh, mlp)) == 9
+    assert fresh.estimate_seconds(mlp, one) == 0.0
+    two = robust_problem(x[second], y[second], 0.01)
+    measured = fresh._cache(mlp).solve_seconds()
+    assert measured > 0
+    assert fresh.estimate_seconds(mlp, two) == pytest.approx(8 * measured)
