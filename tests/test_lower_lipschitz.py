@@ -128,7 +128,9 @@ def test_certificate_never_above_search_on_heldout_residual_nets(seed):
     found = search_lower_counterexample(net, claim=bound.value, seed=seed,
                                         options=LowerBoundOptions(random_points=32,
                                                                   ascent_steps=20))
-    assert bound.value <= found.ratio
+    # proven: certified <= true constant <= exact ratio of the pair <= ratio_upper
+    assert found.proven and bound.value <= found.ratio_upper
+    assert bound.value <= found.ratio * (1 + 1e-9)  # the float64 ratio, up to its rounding
     assert not found.violates
     # the pair really has this ratio (an independent float64 evaluation of the module)
     with torch.no_grad():
