@@ -6,6 +6,7 @@ import argparse
 import json
 
 from lipverify.api import lipschitz
+from lipverify.cli import lipschitz_modes
 from lipverify.cli.common import add_model_args, build_backends, load_model
 from lipverify.config import RunConfig
 from lipverify.data import load_data
@@ -28,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="Data whose points seed the lower bound ('digits' or a .npz).")
     p.add_argument("--seed", type=int, default=0, help="Random seed of the lower bound search.")
     p.add_argument("--json", action="store_true", help="Print JSON.")
+    lipschitz_modes.add_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -41,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None:
         data, _ = load_data(args.data, limit=256)
         check_inputs(network, data)
+    if lipschitz_modes.selected(args):
+        return lipschitz_modes.run(args, network, data)
     names = args.backend or ["spectral"]
     backends = build_backends(args, names, args.seed)
     report = lipschitz(network, backends, norm=args.norm, data=data, seed=args.seed)
