@@ -2,7 +2,17 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from lipverify.api import CertifyResult, LipschitzReport, certify, compare, lipschitz
+from lipverify.api import (
+    CertifyResult,
+    LipschitzReport,
+    LowerLipschitzReport,
+    ParameterLipschitzReport,
+    certify,
+    compare,
+    lipschitz,
+    lower_lipschitz,
+    parameter_lipschitz,
+)
 from lipverify.types import (
     Certificate,
     LipschitzBound,
@@ -24,7 +34,9 @@ __all__ = [
     "CertifyResult",
     "LipschitzBound",
     "LipschitzReport",
+    "LowerLipschitzReport",
     "Norm",
+    "ParameterLipschitzReport",
     "Perturbation",
     "Problem",
     "Property",
@@ -34,4 +46,6 @@ __all__ = [
     "certify",
     "compare",
     "lipschitz",
+    "lower_lipschitz",
+    "parameter_lipschitz",
 ]

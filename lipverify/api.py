@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,6 +16,12 @@ from lipverify.errors import InputError, LipverifyError
 from lipverify.network.network import Network
 from lipverify.orchestrator import Mode, Outcome, run_cascade
 from lipverify.types import Certificate, LipschitzBound, Norm, Perturbation, Problem
+
+if TYPE_CHECKING:
+    from lipverify.lower_lipschitz import LowerLipschitzBound
+    from lipverify.lower_lipschitz_search import LowerLipschitzCounterexample
+    from lipverify.parameter_lipschitz import ParameterLipschitzBound
+    from lipverify.parameter_lipschitz_search import ParameterLipschitzEstimate
 
 DEFAULT_BACKENDS = ("attack", "spectral", "lirpa", "local", "lipsdp")
 
@@ -159,3 +165,69 @@ def compare(model: Network | torch.nn.Module | str | Path, inputs: np.ndarray,
     if out is not None:
         write_report(result, Path(out))
     return result
+
+
+@dataclass(frozen=True)
+class LowerLipschitzReport:
+    """A certified lower Lipschitz constant (L2) and the best counterexample pair found.
+
+    `bound.value <= counterexample.ratio` always: the first is proven from below, the second
+    is an upper bound on the true constant.
+    """
+
+    bound: LowerLipschitzBound
+    counterexample: LowerLipschitzCounterexample
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        return {"certified": self.bound.to_json(), "search": self.counterexample.to_json()}
+
+
+def lower_lipschitz(model: Network | torch.nn.Module | str | Path, *, claim: float | None = None,
+                    data: np.ndarray | None = None, seed: int = 0,
+                    input_shape: Sequence[int] | None = None) -> LowerLipschitzReport:
+    """Certified `c` with `||f(x) - f(x')||_2 >= c ||x - x'||_2`, and a pair refuting `claim`.
+
+    See `lipverify.lower_lipschitz` (the bound) and `lipverify.lower_lipschitz_search`.
+    """
+    from lipverify.lower_lipschitz import lower_lipschitz_bound
+    from lipverify.lower_lipschitz_search import search_lower_counterexample
+
+    network = as_network(model, input_shape)
+    bound = lower_lipschitz_bound(network)
+    found = search_lower_counterexample(network, claim, data, seed=seed)
+    return LowerLipschitzReport(bound, found)
+
+
+@dataclass(frozen=True)
+class ParameterLipschitzReport:
+    """A sound bound of the Lipschitz constant in the parameters beside a sampled lower bound."""
+
+    bound: ParameterLipschitzBound
+    sampled: ParameterLipschitzEstimate
+
+    @property
+    def ratio(self) -> float:
+        """How far the bound is above the sampled lower bound."""
+        return self.bound.value / self.sampled.value if self.sampled.value > 0 else float("inf")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        return {"bound": self.bound.to_json(), "sampled": self.sampled.to_json(),
+                "ratio": self.ratio}
+
+
+def parameter_lipschitz(model: Network | torch.nn.Module | str | Path, input_radius: float,
+                        param_radius: float, *, seed: int = 0,
+                        input_shape: Sequence[int] | None = None) -> ParameterLipschitzReport:
+    """Bound `||f(x; t) - f(x; t')|| / ||t - t'||` over `||x|| <= input_radius` and parameters
+    within `param_radius` of the network's own (dense feed-forward networks), with a sampled
+    lower bound. See `lipverify.parameter_lipschitz`.
+    """
+    from lipverify.parameter_lipschitz import parameter_lipschitz_bound
+    from lipverify.parameter_lipschitz_search import parameter_lipschitz_lower
+
+    network = as_network(model, input_shape)
+    return ParameterLipschitzReport(
+        parameter_lipschitz_bound(network, input_radius, param_radius),
+        parameter_lipschitz_lower(network, input_radius, param_radius, seed=seed))

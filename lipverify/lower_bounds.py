@@ -324,16 +324,21 @@ def pairwise_lower_bound(network: Network, data: np.ndarray | None = None, *,
 
 
 def row_lower_bounds(network: Network, points: np.ndarray, rows: np.ndarray, *,
-                     norm: Norm | str = Norm.L2) -> np.ndarray:
+                     norm: Norm | str = Norm.L2, random_points: int = 0,
+                     seed: int = 0) -> np.ndarray:
     """Per row `c` of `rows` (`(r, K)`), a lower bound on the Lipschitz constant of `c . f`.
 
-    The largest gradient norm of `c . f` over `points` (L2 norm for L2, L1 for L-infinity),
-    each checked by a difference quotient. Cheap (one Jacobian per point): it tells which
-    rows an upper bound cannot prove at a radius, before that bound is paid for.
+    The largest gradient norm of `c . f` over `points` and `random_points` random points
+    around and between them (L2 norm for L2, L1 for L-infinity), each checked by a difference
+    quotient. Cheap (one Jacobian per point): it tells which rows an upper bound cannot prove
+    at a radius, before that bound is paid for. Random points matter: a ReLU net's gradient at
+    a data point can be far below its gradients elsewhere.
     """
     norm = Norm.parse(norm)
     f = _Function(network)
-    x = f.tensor(np.asarray(points, np.float64).reshape(len(points), -1))
+    opts = LowerBoundOptions(max_points=len(points), random_points=random_points)
+    flat, rand, _ = _points(f, points, opts, np.random.default_rng(seed))
+    x = f.tensor(np.concatenate([flat, rand[:random_points]]))
     jac = f.jacobian(x).detach()  # (P, K, n)
     coeffs = torch.as_tensor(np.asarray(rows, np.float64), dtype=jac.dtype, device=jac.device)
     grads = torch.einsum("rk,pkn->prn", coeffs, jac)
@@ -351,55 +356,10 @@ def bilipschitz_lower_estimate(network: Network, data: np.ndarray | None = None,
     """The smallest `||f(x) - f(x')|| / ||x - x'||` found: a lower bi-Lipschitz estimate.
 
     Searches data pairs, steps along the Jacobian's least-stretched direction, and descent on the
-    ratio (counterexamples to distance preservation).
+    ratio (counterexamples to distance preservation); the pair itself comes from
+    `lipverify.lower_lipschitz_search.search_lower_counterexample`.
     """
-    norm, opts = Norm.parse(norm), options or LowerBoundOptions()
-    p = _ord(norm)
-    rng = np.random.default_rng(seed)
-    f = _Function(network)
-    flat, rand, spread = _points(f, data, opts, rng)
-    pts = f.tensor(np.concatenate([flat, rand]))
-    found: dict[str, float] = {}
+    from lipverify.lower_lipschitz_search import search_lower_counterexample
 
-    def ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            out = f(torch.cat([a, b]))
-        top = torch.linalg.vector_norm(out[:len(a)] - out[len(a):], ord=p, dim=1)
-        bottom = torch.linalg.vector_norm(a - b, ord=p, dim=1)
-        return torch.where(bottom > 0, top / bottom.clamp_min(1e-300),
-                           torch.full_like(top, math.inf))
-
-    if len(flat) >= 2:
-        data_pts = f.tensor(flat[:64])
-        i, j = torch.triu_indices(len(data_pts), len(data_pts), 1)
-        found["data pairs"] = float(ratio(data_pts[i], data_pts[j]).min())
-    jac = f.batched(lambda z: f.jacobian(z).detach(), pts, opts.batch_size)
-    _, _, vh = torch.linalg.svd(jac, full_matrices=False)
-    if jac.shape[2] > jac.shape[1]:  # wider than tall: a direction the Jacobian maps to zero
-        r = torch.as_tensor(rng.standard_normal(pts.shape), dtype=pts.dtype, device=pts.device)
-        least = r - torch.einsum("brn,br->bn", vh, torch.einsum("brn,bn->br", vh, r))
-        least = least / torch.linalg.vector_norm(least, dim=1, keepdim=True).clamp_min(1e-300)
-    else:
-        least = vh[:, -1, :]  # the least-stretched direction
-    if norm == Norm.LINF:
-        least = least / least.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
-    scale = torch.clamp(torch.linalg.vector_norm(pts, ord=p, dim=1), min=1.0)[:, None]
-    local = min(float(ratio(pts + s * scale * least, pts).min()) for s in INVERSE_SCALES)
-    found["least-stretched direction"] = local
-    # descent on the ratio over x' = x + delta (normalised gradient steps; torch.optim would
-    # import torch._dynamo, seconds of start-up for nothing)
-    delta = torch.as_tensor(rng.standard_normal(pts.shape), dtype=pts.dtype, device=pts.device)
-    delta = opts.step_size * spread * delta
-    for step in range(opts.ascent_steps):
-        d = delta.detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = f(torch.cat([pts + d, pts]))
-            top = torch.linalg.vector_norm(out[:len(pts)] - out[len(pts):], ord=p, dim=1)
-            loss = (top / torch.linalg.vector_norm(d, ord=p, dim=1).clamp_min(1e-12)).sum()
-            (grad,) = torch.autograd.grad(loss, d)
-        size = torch.linalg.vector_norm(delta, dim=1, keepdim=True)
-        unit = grad / torch.linalg.vector_norm(grad, dim=1, keepdim=True).clamp_min(1e-300)
-        delta = delta - 0.1 * (1 - step / max(opts.ascent_steps, 1)) * size * unit
-    found["descent"] = float(ratio(pts + delta, pts).min())
-    method = min(found, key=found.get)
-    return InverseLipschitzEstimate(found[method], norm, method)
+    found = search_lower_counterexample(network, data=data, norm=norm, seed=seed, options=options)
+    return InverseLipschitzEstimate(found.ratio, found.norm, found.method)

@@ -372,6 +372,25 @@ class LirpaAdapter:
 
         return run_in_chunks(run, len(region), self.chunk_size(method), self.device)
 
+    def input_coefficients(self, region: Region, c: np.ndarray) -> np.ndarray:
+        """CROWN's lower-bound coefficients of `C y` on the input, `(B, rows, n)` float64.
+
+        Row `r`'s bound is `a_r . x + const` for every `x` in the region, so its minimiser over
+        the region (a box vertex, or the ball's point along `-a_r`) is where that row is most
+        likely violated: a falsifier's candidate, never part of a proof.
+        """
+        self._configure(Method.CROWN, region)
+        out, inp = self.bounded.output_name[0], self.bounded.input_name[0]
+
+        def run(index: np.ndarray) -> np.ndarray:
+            x = self._bounded_tensor(region.subset(index))
+            cm = torch.as_tensor(c[index], dtype=DTYPE, device=self.device)
+            _, _, a = self._bounds(x, Method.CROWN, C=cm, bound_upper=False, return_A=True,
+                                   needed_A_dict={out: [inp]})
+            return a[out][inp]["lA"].reshape(len(index), c.shape[1], -1).double().cpu().numpy()
+
+        return run_in_chunks(run, len(region), self.chunk_size(Method.CROWN), self.device)
+
     def _search_slopes(self, region: Region, cm: torch.Tensor) -> bool:
         """Optimise alpha-CROWN's slopes on the float32 twin and hand them to the float64 module.
 

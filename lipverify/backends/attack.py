@@ -70,7 +70,7 @@ class AttackOptions(BackendOptions):
 
 
 @dataclass(frozen=True, eq=False)
-class _Regions:
+class Regions:
     """The regions of a chunk of inputs, flattened, float64 on the CPU."""
 
     centre: np.ndarray          # (n, d)
@@ -115,16 +115,17 @@ class _Regions:
         return None
 
 
-def _regions(problem: Problem, index: np.ndarray, inputs: np.ndarray) -> _Regions:
+def regions_of(problem: Problem, index: np.ndarray, inputs: np.ndarray) -> Regions:
+    """The regions of inputs `index` (`inputs`: their flattened centres)."""
     pert = problem.perturbation
     if pert.is_box:
         lo = pert.lower[index].reshape(len(index), -1).astype(np.float64)
         hi = pert.upper[index].reshape(len(index), -1).astype(np.float64)
-        return _Regions((lo + hi) / 2, Norm.LINF, pert.eps, lo, hi)
+        return Regions((lo + hi) / 2, Norm.LINF, pert.eps, lo, hi)
     centre = inputs.astype(np.float64)
     if pert.norm == Norm.LINF:
-        return _Regions(centre, Norm.LINF, pert.eps, centre - pert.eps, centre + pert.eps)
-    return _Regions(centre, Norm.L2, pert.eps, None, None)
+        return Regions(centre, Norm.LINF, pert.eps, centre - pert.eps, centre + pert.eps)
+    return Regions(centre, Norm.L2, pert.eps, None, None)
 
 
 def _padded_terms(props: list[Property], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +220,7 @@ class AttackBackend(BackendBase):
                     "reason": "deadline before the attack started"}) for _ in index)
                 continue
             chunk_start = time.perf_counter()
-            regions = _regions(problem, index, flat[index])
+            regions = regions_of(problem, index, flat[index])
             found = self._attack_chunk(network, problem, index, regions, stop_at)
             seconds = (time.perf_counter() - chunk_start) / len(index)
             for j, i in enumerate(index):
@@ -229,7 +230,7 @@ class AttackBackend(BackendBase):
         return certs
 
     # -- the search ----------------------------------------------------------------------------
-    def _starts(self, regions: _Regions, restarts: int,
+    def _starts(self, regions: Regions, restarts: int,
                 outputs: int) -> tuple[np.ndarray, np.ndarray]:
         """Starting points (n, restarts, d) and output weights (n, restarts, K).
 
@@ -254,7 +255,7 @@ class AttackBackend(BackendBase):
         return out, weights
 
     def _attack_chunk(self, network: Network, problem: Problem, index: np.ndarray,
-                      regions: _Regions, stop_at: float) -> list[tuple[np.ndarray, float]]:
+                      regions: Regions, stop_at: float) -> list[tuple[np.ndarray, float]]:
         """Per input the lowest-margin point found (float64 array) and its float32 margin."""
         opts: AttackOptions = self.options
         dev = network.device
@@ -346,28 +347,39 @@ class AttackBackend(BackendBase):
 
     # -- the answer ----------------------------------------------------------------------------
     def _answer(self, network: Network, double: torch.nn.Module | None, prop: Property,
-                regions: _Regions, j: int, x: np.ndarray, best: float,
+                regions: Regions, j: int, x: np.ndarray, best: float,
                 seconds: float) -> Certificate:
-        details: dict[str, Any] = {"best_margin": best}
-        if not best <= 0:
-            return Certificate(Status.UNKNOWN, self.name, seconds=seconds, details=details)
-        point = regions.to_float32(x, j)
-        if point is None:
-            details["rejected"] = "no float32 point inside the region"
-            return Certificate(Status.UNKNOWN, self.name, seconds=seconds, details=details)
-        if double is None:
-            details["rejected"] = "no float64 forward pass of the module"
-            return Certificate(Status.UNKNOWN, self.name, seconds=seconds, details=details)
-        shape = (1, *network.input_shape)
-        with torch.no_grad():
-            x32 = torch.as_tensor(point, device=network.device).reshape(shape)
-            y32 = network.module(x32).reshape(-1).double().cpu().numpy()
-            y64 = double(x32.double()).reshape(-1).cpu().numpy()
-        m32, m64 = prop.margin(y32), prop.margin(y64)
-        details.update(margin_float32=m32, margin_float64=m64)
-        if not (m32 <= 0 and m64 <= 0):
-            details["rejected"] = "the forward passes do not both confirm the violation"
-            return Certificate(Status.UNKNOWN, self.name, seconds=seconds, details=details)
-        details["distance"] = regions.distance(point.astype(np.float64), j)
-        return Certificate(Status.FALSIFIED, self.name, 0.0, seconds=seconds,
-                           counterexample=tuple(float(v) for v in point), details=details)
+        return confirm_counterexample(self.name, network, double, prop, regions, j, x, best,
+                                      seconds)
+
+
+def confirm_counterexample(name: str, network: Network, double: torch.nn.Module | None,
+                           prop: Property, regions: Regions, j: int, x: np.ndarray, best: float,
+                           seconds: float) -> Certificate:
+    """`falsified` by `name` when `x` (found with margin `best`) is a counterexample of input
+    `j`'s region, else `unknown`: rounded to a float32 point inside the region, it must violate
+    `prop` under both the module's float32 and a float64 (`double`) forward pass.
+    """
+    details: dict[str, Any] = {"best_margin": best}
+    if not best <= 0:
+        return Certificate(Status.UNKNOWN, name, seconds=seconds, details=details)
+    point = regions.to_float32(x, j)
+    if point is None:
+        details["rejected"] = "no float32 point inside the region"
+        return Certificate(Status.UNKNOWN, name, seconds=seconds, details=details)
+    if double is None:
+        details["rejected"] = "no float64 forward pass of the module"
+        return Certificate(Status.UNKNOWN, name, seconds=seconds, details=details)
+    shape = (1, *network.input_shape)
+    with torch.no_grad():
+        x32 = torch.as_tensor(point, device=network.device).reshape(shape)
+        y32 = network.module(x32).reshape(-1).double().cpu().numpy()
+        y64 = double(x32.double()).reshape(-1).cpu().numpy()
+    m32, m64 = prop.margin(y32), prop.margin(y64)
+    details.update(margin_float32=m32, margin_float64=m64)
+    if not (m32 <= 0 and m64 <= 0):
+        details["rejected"] = "the forward passes do not both confirm the violation"
+        return Certificate(Status.UNKNOWN, name, seconds=seconds, details=details)
+    details["distance"] = regions.distance(point.astype(np.float64), j)
+    return Certificate(Status.FALSIFIED, name, 0.0, seconds=seconds,
+                       counterexample=tuple(float(v) for v in point), details=details)

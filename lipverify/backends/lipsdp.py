@@ -45,6 +45,16 @@ log = logging.getLogger(__name__)
 # from one timed eigenvalue problem of this size, scaled by the cube of the matrix sizes
 # (conservative: larger matrices run faster per n^3).
 CALIBRATION_SIZE = 256
+# Random points (around and between the inputs) beside the inputs themselves when proving lower
+# bounds of pair and row Lipschitz constants for pruning: at a data point a ReLU net's gradient
+# can be 20x below its gradients nearby (mnist-net_256x2: 0.27 at one image, 4-8 around it).
+PRUNE_RANDOM_POINTS = 64
+# Before a network's first solve, an SDP's solve time is modelled as this many eigenvalue
+# problems of the solved matrix's size (the structured IPM: ~20 iterations of a few dense
+# products; 784-256-256-10 measured 10 s = about 50 of them). First-order and generic solvers
+# take longer. After a solve, the measured seconds replace the model.
+SOLVE_CUBES = {Solver.IPM: 50.0}
+OTHER_SOLVER_CUBES = 500.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,10 @@ class LipSDPBackend(BackendBase):
         self._sdp = self.options.sdp_options()
         self._caches: dict[str, BoundCache] = {}
         self._cubic_seconds: float | None = None
+        # Proven lower bounds of pair / row Lipschitz constants per network fingerprint, the
+        # largest seen so far (every checked gradient norm at any point is one).
+        self._pair_lows: dict[str, np.ndarray] = {}
+        self._row_lows: dict[tuple[str, bytes], float] = {}
 
     # -- what can run ------------------------------------------------------------------------
     def supports(self, network: Network, problem: Problem) -> str | None:
@@ -207,6 +221,41 @@ class LipSDPBackend(BackendBase):
             check += self._cubic_seconds * full ** 3
             fixed += self._cubic_seconds * solved ** 3
         return fixed + check, check
+
+    def _sdp_seconds(self, network: Network, chain: Chain) -> float:
+        """Estimated seconds of one more SDP of `network`: measured, else modelled."""
+        measured = self._cache(network).solve_seconds()
+        if measured is not None:
+            return measured
+        fixed, _ = self._fixed_seconds(chain)
+        cubes = SOLVE_CUBES.get(self._sdp.solver, OTHER_SOLVER_CUBES)
+        solved = sum((min(p.input_size, p.hidden_sizes[0]) + sum(p.hidden_sizes)) ** 3
+                     for p in self._parts(chain))
+        return fixed + cubes * (self._cubic_seconds or 0.0) * solved
+
+    def estimate_seconds(self, network: Network, problem: Problem) -> float | None:
+        """Seconds until LipSDP could settle its first input of `problem` (None: no estimate).
+
+        An input needs all its label's pair bounds, so: the fewest pairs still unsolved over
+        the labels of inputs that could verify (pruned as in `certify`), times the seconds of
+        one SDP. 0 when nothing is left to solve (certify is then a forward pass).
+        """
+        if problem.labels is None or not self.options.pairwise:
+            return None
+        pert = problem.perturbation
+        factor = 1.0 if pert.norm == Norm.L2 else math.sqrt(network.input_size) * (1 + 1e-15)
+        outputs = sound_outputs(network, pert.centres(problem.inputs))
+        hopeful = self._hopeful(network, problem, outputs, factor)
+        cache = self._cache(network)
+        k = network.num_outputs
+        missing = [sum(cache.get(f"pair:{min(y, j)}-{max(y, j)}") is None
+                       for j in range(k) if j != y)
+                   for y in {int(t) for t in problem.labels[hopeful]}]
+        fewest = min(missing, default=0)
+        if fewest == 0:
+            return 0.0
+        chain = chain_from_layers(network.require_layers())
+        return fewest * self._sdp_seconds(network, chain)
 
     def _row_bound(self, network: Network, chain: Chain, name: str, last: np.ndarray,
                    deadline: float | None = None) -> float:
@@ -327,8 +376,13 @@ class LipSDPBackend(BackendBase):
                for y in {int(t) for t in labels} for j in range(k) if j != y):
             return everyone
         data = np.asarray(problem.perturbation.centres(problem.inputs))
-        low = pairwise_lower_bound(network, data, norm=Norm.L2, options=LowerBoundOptions(
-            max_points=len(data), random_points=0)).values
+        low = pairwise_lower_bound(network, data, norm=Norm.L2, seed=self.options.seed,
+                                   options=LowerBoundOptions(
+            max_points=len(data), random_points=PRUNE_RANDOM_POINTS)).values
+        seen = self._pair_lows.get(network.fingerprint)
+        if seen is not None:
+            low = np.maximum(low, seen)
+        self._pair_lows[network.fingerprint] = low
         reach = robust_radii(outputs, labels, low * factor)
         hopeful = reach >= eps
         log.info("lipsdp: %d of %d inputs can still verify at eps %g", int(hopeful.sum()),
@@ -353,7 +407,13 @@ class LipSDPBackend(BackendBase):
         keys = list(rows)
         matrix = np.stack([rows[k] for k in keys])
         data = np.asarray(problem.perturbation.centres(problem.inputs))
-        low = row_lower_bounds(network, data, matrix) * factor
+        low = row_lower_bounds(network, data, matrix, random_points=PRUNE_RANDOM_POINTS,
+                               seed=self.options.seed)
+        fingerprint = network.fingerprint
+        for i, key in enumerate(keys):
+            memo = (fingerprint, key)
+            low[i] = self._row_lows[memo] = max(low[i], self._row_lows.get(memo, 0.0))
+        low = low * factor
         needed = set()
         for prop, y in zip(problem.properties, outputs.values, strict=True):
             for c, d in prop.terms:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lipverify.api import lipschitz
+from lipverify.cli import lipschitz_modes
 from lipverify.cli.common import add_model_args, build_backends, load_model
 from lipverify.config import RunConfig
 from lipverify.data import load_data
@@ -45,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--curves-out", default=None, metavar="CSV",
                    help="CSV of --checkpoints (default: DIR/lipschitz_curves.csv); the plot "
                         "goes next to it with suffix .png.")
+    lipschitz_modes.add_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -74,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give MODEL (or --checkpoints DIR)")
     network = _load(args, args.model)
     data = _data(args, network)
+    if lipschitz_modes.selected(args):
+        return lipschitz_modes.run(args, network, data)
     names = args.backend or ["spectral"]
     backends = build_backends(args, names, args.seed)
     report = lipschitz(network, backends, norm=args.norm, data=data, seed=args.seed)

@@ -11,7 +11,7 @@ import numpy as np
 
 from lipverify.backends.base import Verifier
 from lipverify.network.network import Network
-from lipverify.orchestrator import Mode, Outcome, run_cascade
+from lipverify.orchestrator import Cascade, Mode, Outcome
 from lipverify.run.records import eps_key, finite
 from lipverify.types import Certificate, Norm, Perturbation, Problem
 
@@ -91,9 +91,12 @@ def _record(index: int, eps: float, label: int, predicted: int, best: Certificat
 def iter_records(network: Network, job: CertifyJob,
                  progress: Callable[[int], None] | None = None,
                  stage: Callable[[str, int], None] | None = None) -> Iterator[list[dict]]:
-    """Run the cascade batch by batch; yield each batch's records as soon as it is done.
+    """Run the cascade batch by batch; yield records as soon as their inputs settle.
 
-    `progress(inputs)` follows finished batches, `stage(backend, inputs)` each backend start.
+    Within a batch, the inputs a backend settles (budget mode: verified or falsified; radius
+    mode: falsified) are yielded right after that backend, the rest when the batch ends, so an
+    interrupted run keeps every settled input. `progress(inputs)` follows the yielded records,
+    `stage(backend, inputs)` each backend start.
     """
     predicted = np.argmax(network.forward(job.inputs), axis=1) if len(job.inputs) else []
     budget = TimeBudget(job.time_per_input, job.time_total)
@@ -108,13 +111,26 @@ def iter_records(network: Network, job: CertifyJob,
                                          network.num_outputs, Perturbation.ball(job.norm, eps),
                                          want_radius=job.mode == Mode.RADIUS)
             problem = problem.with_deadline(budget.next_deadline(len(index)))
-            outcome: Outcome = run_cascade(network, problem, job.backends, job.mode,
-                                           stage=stage)
-            batch = []
-            for k, i in enumerate(index):
-                per = {name: certs[k] for name, certs in outcome.per_backend.items()}
-                batch.append(_record(i, eps, job.labels[i], predicted[i], outcome.best[k], per,
-                                     outcome.skipped))
-            yield batch
-            if progress is not None:
-                progress(len(index))
+            cascade = Cascade(network, problem, job.backends, job.mode, stage=stage)
+
+            def records(ks: Sequence[int], best: Sequence[Certificate | None],
+                        per_backend: dict[str, Sequence[Certificate | None]],
+                        skipped: dict[str, str], eps: float = eps,
+                        index: np.ndarray = index) -> list[dict]:
+                return [_record(index[k], eps, job.labels[index[k]], predicted[index[k]],
+                                best[k], {name: certs[k] for name, certs in per_backend.items()},
+                                skipped) for k in ks]
+
+            sent: set[int] = set()
+            for _, settled in cascade.stages():
+                if settled:
+                    sent.update(settled)
+                    yield records(settled, cascade.best, cascade.per_backend, cascade.skipped)
+                    if progress is not None:
+                        progress(len(settled))
+            outcome: Outcome = cascade.outcome()
+            rest = [k for k in range(len(index)) if k not in sent]
+            if rest:
+                yield records(rest, outcome.best, outcome.per_backend, outcome.skipped)
+                if progress is not None:
+                    progress(len(rest))

@@ -75,5 +75,11 @@ class BoundCache:
         except OSError as exc:
             log.warning("could not write LipSDP cache %s: %s", self.path, exc)
 
+    def solve_seconds(self) -> float | None:
+        """Mean measured seconds of the solves recorded here (None before the first)."""
+        seconds = [m["seconds"] for m in self._meta.values()
+                   if isinstance(m, dict) and isinstance(m.get("seconds"), (int, float))]
+        return sum(seconds) / len(seconds) if seconds else None
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from lipverify.network.extract import extract_layers
 from lipverify.network.modules import GroupSort, ResidualBlock
 from lipverify.network.network import Network
 from lipverify.orchestrator import run_cascade
+from lipverify.sdp import chain_from_layers
 from lipverify.types import Norm, Perturbation, Problem, Property, Scope, Status
 
 
@@ -215,7 +217,8 @@ def test_lipschitz_api_reports_lipsdp_skipped_and_keeps_spectral():
 
 def _solved_pairs(backend, network):
     cache = backend._cache(network)
-    return {f"pair:{a}-{b}" for a in range(10) for b in range(a + 1, 10)
+    k = network.num_outputs
+    return {f"pair:{a}-{b}" for a in range(k) for b in range(a + 1, k)
             if cache.get(f"pair:{a}-{b}") is not None}
 
 
@@ -271,3 +274,56 @@ def test_property_rows_that_cannot_reach_eps_are_not_solved(mlp, mlp_backend, di
     assert [c.status for c in pruned] == [c.status for c in everything]
     assert any(c.status == Status.VERIFIED for c in pruned)
     assert 0 < len(set(calls)) < len(every_row)
+
+
+def test_pruning_looks_beyond_the_centre_where_the_gradient_vanishes(tmp_path):
+    """At an input where every ReLU is off the gradient is zero, so a lower bound from the
+    centre alone proves nothing and LipSDP used to solve every pair (mnist-net_256x2: 155 s on
+    one image it could not verify). Random points around the input find the large gradients:
+    no SDP is solved, and the unpruned run verifies nothing either."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        module[0].weight.copy_(10 * torch.randn(8, 2))
+        module[0].bias.fill_(-5.0)  # all off at the origin, on within a unit step of it
+        module[2].bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    network = Network(module, (2,), 3, extract_layers(module, (2,)))
+    x, y = np.zeros((1, 2)), np.array([0])
+    assert network.forward(x).argmax() == 0
+    problem = Problem.robustness(x, y, 3, Perturbation.ball(2, 0.5))
+    backend = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path / "pruned")))
+    [cert] = backend.certify(network, problem)
+    assert cert.status == Status.UNKNOWN and "pruned" in cert.details
+    assert not _solved_pairs(backend, network)
+    unpruned = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path / "all"), prune=False))
+    [full] = unpruned.certify(network, problem)
+    assert full.status == Status.UNKNOWN and full.radius < 0.5
+
+
+def test_estimate_is_the_unsolved_pairs_of_the_cheapest_label_times_an_sdp(mlp, digits,
+                                                                            tmp_path):
+    """Before any solve the estimate is a label's 9 pairs times the modelled SDP; once those
+    are solved it is 0 for that label and, for another label, its 8 missing pairs times the
+    measured mean solve time. The cascade skips LipSDP, solving nothing, when the estimate
+    exceeds the time left."""
+    x, y = digits
+    first, second = (np.flatnonzero(y == t)[:3] for t in (0, 1))
+    one = robust_problem(x[first], y[first], 0.01)
+    fresh = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path / "estimate")))
+    before = fresh.estimate_seconds(mlp, one)
+    chain = chain_from_layers(mlp.layers)
+    assert before == pytest.approx(9 * fresh._sdp_seconds(mlp, chain)) and before > 0
+
+    hurried = LipSDPBackend(LipSDPOptions(cache_dir=str(tmp_path / "hurried")))
+    late = one.with_deadline(time.monotonic() + before / 4)
+    outcome = run_cascade(mlp, late, [hurried])
+    assert outcome.skipped["lipsdp"].startswith("estimated")
+    assert not _solved_pairs(hurried, mlp)
+
+    fresh.certify(mlp, one)
+    assert len(_solved_pairs(fresh, mlp)) == 9
+    assert fresh.estimate_seconds(mlp, one) == 0.0
+    two = robust_problem(x[second], y[second], 0.01)
+    measured = fresh._cache(mlp).solve_seconds()
+    assert measured > 0
+    assert fresh.estimate_seconds(mlp, two) == pytest.approx(8 * measured)

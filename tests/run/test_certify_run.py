@@ -46,11 +46,14 @@ def test_first_records_come_after_the_first_small_batch_and_stages_name_backends
     stages: list[tuple[str, int]] = []
     batches = iter_records(network, job, stage=lambda name, n: stages.append((name, n)))
     first = next(batches)
-    assert [r["index"] for r in first] == list(range(16))
-    assert [name for name, _ in stages] == ["attack", "spectral"][:len(stages)]
-    assert stages[0] == ("attack", 16)
+    # the inputs the attack (the first stage) settles are yielded before spectral runs
+    assert stages == [("attack", 16)]
+    assert first and {r["index"] for r in first} <= set(range(16))
+    assert all(r["status"] == "falsified" and list(r["per_backend"]) == ["attack"]
+               for r in first)
     rest = [r for batch in batches for r in batch]
-    assert [r["index"] for r in first + rest] == list(range(100))
+    assert sorted(r["index"] for r in first + rest) == list(range(100))
+    assert [name for name, _ in stages][:2] == ["attack", "spectral"]
 
 
 def test_a_spent_time_budget_ends_inputs_as_timeout_not_as_a_verdict(digits):
