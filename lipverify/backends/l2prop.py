@@ -39,7 +39,7 @@ from lipverify.bounds.intermediate import (
 )
 from lipverify.bounds.operator import BlockNorms, block_norms
 from lipverify.bounds.optimise import DEFAULT_ITERATIONS, DEFAULT_LR, DEFAULT_LR_DECAY
-from lipverify.errors import ModelError
+from lipverify.errors import InputError, ModelError
 from lipverify.network.network import Network
 from lipverify.types import Certificate, Norm, Problem, Scope, Status, deadline_passed
 
@@ -191,7 +191,13 @@ class L2PropBackend(BackendBase):
         """One certificate per input: verified when every margin is provably positive.
 
         Stops at the problem's deadline or `timeout`: what is not verified by then is `timeout`.
+
+        Raises:
+            InputError: the problem is not an L2 ball (the bounds hold on L2 balls only; called
+                directly, without `supports`, it would otherwise certify the wrong set).
         """
+        if problem.perturbation.norm != Norm.L2 or problem.perturbation.is_box:
+            raise InputError("l2prop bounds L2 balls only, not L-inf balls or boxes")
         start = time.perf_counter()
         deadline = deadline_of(problem, self.options.timeout)
         eps = problem.perturbation.eps

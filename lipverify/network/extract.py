@@ -28,6 +28,8 @@ from lipverify.network.modules import GroupSort, Normalize, ResidualBlock
 
 # Backends that run on the module itself and so survive an unsupported layer.
 MODULE_BACKENDS = ("attack", "lirpa")
+# A circularly padded convolution becomes its exact matrix up to this many entries (128 MiB).
+CIRCULAR_MAX_ENTRIES = 2 ** 24
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,12 +89,44 @@ def _conv_out(size: int, k: int, s: int, d: int, p_total: int) -> int:
     return (size + p_total - d * (k - 1) - 1) // s + 1
 
 
-def _conv2d(m: nn.Conv2d, shape: Shape, name: str) -> Conv:
+def _circular_conv2d(m: nn.Conv2d, shape: Shape, name: str) -> tuple[Dense, Reshape]:
+    """A circularly padded convolution (Cayley / FFT-orthogonal convs) as its exact matrix.
+
+    Exact because no two taps of one output meet on one input pixel when the dilated kernel
+    spans at most the image (a window of at most `n` consecutive indices mod `n` has distinct
+    members): every matrix entry is one weight, copied, not a rounded sum.
+    """
+    c, h, w = shape
+    (kh, kw), (dh, dw) = m.kernel_size, _pair(m.dilation)
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    if span_h > h or span_w > w:
+        raise UnsupportedLayerError(f"{name} (circular Conv2d whose kernel spans {span_h}x"
+                                    f"{span_w}, more than the {h}x{w} image)", MODULE_BACKENDS)
+    double = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                       m.dilation, m.groups, bias=False, padding_mode="circular").double()
+    with torch.no_grad():
+        double.weight.copy_(_d(m.weight))
+        out = tuple(double(torch.zeros((1, *shape), dtype=torch.float64)).shape[1:])
+        n_in, n_out = c * h * w, math.prod(out)
+        if n_in * n_out > CIRCULAR_MAX_ENTRIES:
+            raise UnsupportedLayerError(f"{name} (circular Conv2d: its exact {n_out}x{n_in} "
+                                        f"matrix exceeds {CIRCULAR_MAX_ENTRIES} entries)",
+                                        MODULE_BACKENDS)
+        basis = torch.eye(n_in, dtype=torch.float64).reshape((n_in, *shape))
+        weight = double(basis).reshape(n_in, n_out).T.contiguous()
+    bias = _d(m.bias) if m.bias is not None else torch.zeros(m.out_channels, dtype=torch.float64)
+    flat_bias = bias.repeat_interleave(n_out // m.out_channels)
+    return Dense(weight, flat_bias, tuple(shape), (n_out,)), Reshape((n_out,), out)
+
+
+def _conv2d(m: nn.Conv2d, shape: Shape, name: str) -> Conv | tuple[Dense, Reshape]:
+    if len(shape) != 3:
+        raise UnsupportedLayerError(f"{name} (Conv2d on input of shape {shape})", MODULE_BACKENDS)
+    if m.padding_mode == "circular" and not isinstance(m.padding, str):
+        return _circular_conv2d(m, shape, name)
     if m.padding_mode != "zeros":
         raise UnsupportedLayerError(f"{name} (Conv2d with padding_mode={m.padding_mode!r})",
                                     MODULE_BACKENDS)
-    if len(shape) != 3:
-        raise UnsupportedLayerError(f"{name} (Conv2d on input of shape {shape})", MODULE_BACKENDS)
     kh, kw = m.kernel_size
     sh, sw = _pair(m.stride)
     dh, dw = _pair(m.dilation)
@@ -150,8 +184,9 @@ def _batchnorm(m: nn.modules.batchnorm._BatchNorm, shape: Shape) -> Diagonal:
     return Diagonal(scale, shift, tuple(shape))
 
 
-def _simple(module: nn.Module, shape: Shape, name: str) -> Layer | Diagonal | None:
-    """Map one non-container module; None means 'skip' (identity)."""
+def _simple(module: nn.Module, shape: Shape, name: str
+            ) -> Layer | Diagonal | tuple[Layer, ...] | None:
+    """Map one non-container module to a layer (or a few); None means 'skip' (identity)."""
     match module:
         case nn.Linear():
             out = (module.out_features,)
@@ -218,6 +253,8 @@ def _walk(module: nn.Module, shape: Shape, name: str) -> tuple[list[Layer | Diag
     layer = _simple(module, shape, name or type(module).__name__)
     if layer is None:
         return [], shape
+    if isinstance(layer, tuple):
+        return list(layer), tuple(layer[-1].out_shape)
     return [layer], tuple(layer.out_shape)
 
 

@@ -190,7 +190,8 @@ class _Walker:
             raise UnsupportedLayerError(label, MODULE_BACKENDS)
         if new is None:
             return chain
-        return _Chain((*chain.layers, new), tuple(new.out_shape))
+        news = new if isinstance(new, tuple) else (new,)
+        return _Chain((*chain.layers, *news), tuple(news[-1].out_shape))
 
     # -- the mappings --------------------------------------------------------------------------
     def _residual(self, a: _Chain, b: _Chain, label: str) -> _Chain:

@@ -154,3 +154,16 @@ def test_escalation_only_tightens_and_stays_below_sampled_margins():
         out = net.forward((torch.as_tensor(x[i]) + d).numpy())
         sampled = np.min(out[:, labels[i]] - np.delete(out, labels[i], axis=1).max(1))
         assert escalated[i] <= sampled + 1e-6, f"input {i}: bound above a sampled margin"
+
+
+def test_called_without_supports_on_an_linf_ball_it_refuses_rather_than_bound_an_l2_ball():
+    """Its bounds hold on L2 balls: on an L-inf ball of the same eps (a larger set) they would
+    certify inputs an attack breaks, so a direct call must fail loudly."""
+    from lipverify.errors import InputError
+
+    network = load_network(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), (3,))
+    problem = Problem.robustness(np.zeros((1, 3)), [0], 2, Perturbation.ball("inf", 0.1))
+    backend = L2PropBackend()
+    assert backend.supports(network, problem) is not None
+    with pytest.raises(InputError, match="L2 balls only"):
+        backend.certify(network, problem)
