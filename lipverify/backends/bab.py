@@ -19,14 +19,18 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from lipverify.bab.optimise import Steps
+from lipverify.bab.relaxed import InputSet, cast_chain
+from lipverify.bab.search import Search, SearchOptions, Terms
 from lipverify.backends._leaf_lp import LeafRegion, leaf_lower_bounds, relu_layers
 from lipverify.backends._lirpa_adapter import DTYPE, LirpaAdapter, LirpaOptions, _help
 from lipverify.backends._margin_search import Outcomes, Region, Spec
 from lipverify.backends.lirpa import LirpaBackend
 from lipverify.errors import BackendUnavailable, ModelError
 from lipverify.network.layers import Activation
+from lipverify.bounds.chain import Chain, build_chain
 from lipverify.network.network import Network
-from lipverify.types import Certificate, Problem, Status, deadline_passed
+from lipverify.types import Certificate, Norm, Problem, Status, deadline_passed
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +42,12 @@ EMPTY_TOL = 1e-9  # relative: bounds crossing by more than float64 rounding mean
 class BabOptions(LirpaOptions):
     """Options of the `bab` backend (the auto_LiRPA ones, plus the search's limits)."""
 
-    domains_per_batch: int = _help(256, "Sub-domains bounded per CROWN pass.")
+    domains_per_batch: int = _help(1024, "Sub-domains bounded per CROWN pass.")
     max_domains: int = _help(200_000, "Open sub-domains at most (then the input is unknown).")
-    beta_iterations: int = _help(20, "beta-CROWN steps per batch of sub-domains that CROWN "
-                                     "leaves unproven (0: CROWN bounds only).")
+    beta_iterations: int = _help(20, "beta-CROWN steps per batch of sub-domains (0: CROWN "
+                                     "bounds only, with the parent's slopes).")
+    beta_lr: float = _help(0.05, "Adam learning rate of the split multipliers (0: no beta, "
+                                 "alpha-CROWN only).")
     time_per_input: float | None = _help(30.0, "Seconds of branching per input (none: until "
                                                "the problem's deadline or `timeout`).")
 
@@ -176,6 +182,7 @@ class BabBackend(LirpaBackend):
         region, spec, slack, violated, centre = (facts.region, facts.spec, facts.slack,
                                                  facts.violated, facts.centre)
         n = len(problem)
+        chain = _chain_of(network)
         results: list[SearchResult | None] = [None] * n
         for i in range(n):
             if violated[i] or adapter is None or deadline_passed(deadline):
@@ -185,8 +192,15 @@ class BabBackend(LirpaBackend):
                 own = min(d for d in (deadline, time.monotonic() + self.options.time_per_input)
                           if d is not None)
             index = np.array([i])
-            results[i] = self.search(adapter, region.subset(index), spec.subset(index),
-                                     float(slack[i]), own)
+            if chain is not None:
+                # The chain search proves each bound with its own rounding allowance (every
+                # float64 step charged against its magnitudes, `lipverify.bab.relaxed`), so
+                # the centre-based slack, sized for auto_LiRPA's unanalysed bounds, is not used.
+                results[i] = self.chain_search(network, chain, region.subset(index),
+                                               spec.subset(index), 0.0, own)
+            else:
+                results[i] = self.search(adapter, region.subset(index), spec.subset(index),
+                                         float(slack[i]), own)
         margin = np.array([r.margin if r else np.nan for r in results])
         verified = np.array([bool(r and r.status == Status.VERIFIED) for r in results])
         eps = problem.perturbation.eps
@@ -208,6 +222,35 @@ class BabBackend(LirpaBackend):
                                                           "domains": res.domains})
             out.append(cert)
         return out
+
+    def chain_search(self, network: Network, chain: Chain, region: Region, spec: Spec,
+                     slack: float, deadline: float | None) -> SearchResult:
+        """Branch and bound for one input on the network's ReLU chain (`lipverify.bab`)."""
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        inputs = _input_set(region, device)
+        terms = _terms(spec, device)
+        opts = self.options
+        search_opts = SearchOptions(batch=opts.domains_per_batch, max_domains=opts.max_domains,
+                                    steps=Steps(iterations=max(opts.beta_iterations, 0),
+                                                lr_beta=opts.beta_lr, target=0.0))
+        layers = relu_layers(network.layers)
+
+        def leaf(splits: list[torch.Tensor], term: int) -> float:
+            if layers is None:
+                return float("nan")
+            root = search.root
+            active = [((lo >= 0) | (s > 0)).cpu().numpy() for (lo, _), s in zip(root, splits)]
+            constrained = [u.cpu().numpy() for u in search.unstable]
+            keep = terms.valid[term].cpu().numpy()
+            rows, _ = leaf_lower_bounds(layers, active, constrained, _leaf_region(region),
+                                        terms.c[term].cpu().numpy()[keep],
+                                        terms.d[term].cpu().numpy()[keep])
+            return float(rows.max())
+
+        search = Search(cast_chain(chain, torch.float64, device), inputs, terms,
+                        slack, search_opts, leaf, deadline)
+        out = search.run()
+        return SearchResult(out.status, out.margin, out.domains, out.reason)
 
     def search(self, adapter: LirpaAdapter, region: Region, spec: Spec, slack: float,
                deadline: float | None) -> SearchResult:
@@ -300,6 +343,50 @@ class BabBackend(LirpaBackend):
                 return SearchResult(Status.UNKNOWN, root, visited,
                                     f"more than {self.options.max_domains} open sub-domains")
         return SearchResult(Status.VERIFIED, least, visited)
+
+
+def _chain_of(network: Network) -> Chain | None:
+    """The network's ReLU chain (float64), or None when its layer view is not one."""
+    if network.layers is None or relu_layers(network.layers) is None:
+        return None
+    try:
+        return build_chain(network.layers, network.input_shape)
+    except ModelError:
+        return None
+
+
+def _input_set(region: Region, device: torch.device) -> InputSet:
+    """The one input's region as a flat float64 box or L2 ball."""
+    def flat(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a, dtype=np.float64).reshape(-1), device=device)
+
+    centre = flat(region.centres[0])
+    if region.is_box:
+        return InputSet.box(flat(region.lower[0]), flat(region.upper[0]))
+    eps = float(region.eps[0])
+    if region.norm == Norm.L2:
+        return InputSet.ball(centre, eps)
+    return InputSet.box(centre - eps, centre + eps)
+
+
+def _terms(spec: Spec, device: torch.device) -> Terms:
+    """The one input's property as `Terms` (rows whose fill is NaN are real)."""
+    shape = (spec.terms, spec.rows)
+    c = torch.as_tensor(spec.c[0].reshape(*shape, -1), dtype=torch.float64, device=device)
+    d = torch.as_tensor(spec.d[0].reshape(shape), dtype=torch.float64, device=device)
+    valid = torch.as_tensor(np.isnan(spec.fill[0]).reshape(shape), device=device)
+    return Terms(c, d, valid)
+
+
+def _leaf_region(region: Region) -> LeafRegion:
+    """The one input's region for the leaf LPs."""
+    centre = region.centres[0].reshape(-1).astype(np.float64)
+    if region.is_box:
+        lower, upper = region.lower[0].reshape(-1), region.upper[0].reshape(-1)
+    else:
+        lower, upper = centre - region.eps[0], centre + region.eps[0]
+    return LeafRegion(lower.astype(np.float64), upper.astype(np.float64), centre,
+                      region.norm, float(region.eps[0]))
 
 
 def _empty(bounds: Bounds, count: int) -> np.ndarray:

@@ -102,7 +102,7 @@ def test_split_constraints_name_the_fixed_root_unstable_neurons():
     assert sign[1].tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("seed", [4, 5])
+@pytest.mark.parametrize("seed", [5])
 def test_beta_multipliers_shrink_the_search(seed):
     """beta-CROWN's split multipliers prove sub-domains CROWN cannot: the same (exact) answers
     after fewer bounded sub-domains."""
@@ -110,15 +110,16 @@ def test_beta_multipliers_shrink_the_search(seed):
     net = load_network(module, (4,))
     x = np.random.default_rng(seed).uniform(-1, 1, (8, 4)).astype(np.float32)
     labels = net.forward(x).argmax(1)
-    problem = Problem.robustness(x, labels, 3, Perturbation.ball("inf", 0.4))
+    problem = Problem.robustness(x, labels, 3, Perturbation.ball("inf", 0.6))
     runs = {}
     with one_torch_thread():
-        for beta in (0, 20):
-            runs[beta] = BabBackend(BabOptions(time_per_input=20.0, beta_iterations=beta)
-                                    ).certify(net, problem)
-    assert [c.status for c in runs[0]] == [c.status for c in runs[20]]
+        for lr in (0.0, 0.05):
+            runs[lr] = BabBackend(BabOptions(time_per_input=20.0, beta_lr=lr, domains_per_batch=2)
+                                  ).certify(net, problem)
+    assert [c.status for c in runs[0.0]] == [c.status for c in runs[0.05]]
     domains = {b: sum(c.details.get("domains", 0) for c in certs) for b, certs in runs.items()}
-    assert domains[20] < domains[0]
+    assert domains[0.05] < domains[0.0]
+    assert domains[0.0] > 2 * len(x)  # the roots (two terms each) did not settle it
 
 
 def test_leaf_lp_is_exact_on_a_linear_piece():

@@ -1,0 +1,294 @@
+"""Best-first branch and bound over ReLU splits, batched, warm-started from the parent.
+
+The property is refuted when every term is: a term (rows `C_t y - d_t`) is refuted on a
+sub-domain when one of its rows has a positive lower bound there. Each open sub-domain belongs to
+one term; the worst-bounded ones are split first, each on its best-scored unstable neurons
+(several at once while the batch is not full), and the children are bounded with their parent's
+slopes and multipliers as the starting point of a few Adam steps. The two children of a split
+cover their parent, so a term refuted on every leaf is refuted on the region.
+
+A sub-domain counts as proven only after its bound is recomputed in float64 from the float32
+search's parameters, less a rounding allowance and the caller's slack; one with every unstable
+neuron split goes to `leaf` (exact LPs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lipverify.bab.optimise import Steps, optimise
+from lipverify.bab.relaxed import (
+    InputSet,
+    abs_chain,
+    backward_bound,
+    cast_chain,
+    initial_slopes,
+    outward,
+    rounding_factor,
+    split_bounds,
+)
+from lipverify.bab.root import Bounds, root_bounds
+from lipverify.bounds.chain import Chain
+from lipverify.types import Status, deadline_passed
+
+log = logging.getLogger(__name__)
+
+CANDIDATES = 8  # best-scored neurons kept per open sub-domain
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Batch size, optimiser steps at the root and per batch, open-domain cap, dtype."""
+
+    batch: int = 1024
+    root_steps: Steps = Steps(iterations=60, target=0.0)
+    steps: Steps = Steps(iterations=10, target=0.0)
+    interm_steps: Steps = Steps(iterations=20)
+    max_domains: int = 200_000
+    max_depth: int = 8
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a search ended: VERIFIED, UNKNOWN or TIMEOUT, the smallest proven lower bound of the
+    property (the root's bound when not verified), sub-domains bounded, and why not."""
+
+    status: Status
+    margin: float
+    domains: int
+    reason: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Terms:
+    """The property's terms as rows: `c` `(T, R, m)`, `d` `(T, R)`, `valid` `(T, R)` (padding
+    rows are False). A term with no valid row is absent (already refuted)."""
+
+    c: torch.Tensor
+    d: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass(eq=False)
+class Pool:
+    """Open sub-domains: split signs, slopes, multipliers, bound, term, branching candidates."""
+
+    splits: list[torch.Tensor]
+    alpha: list[torch.Tensor]
+    beta: list[torch.Tensor]
+    value: torch.Tensor
+    term: torch.Tensor
+    cand: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def take(self, index: torch.Tensor) -> Pool:
+        return Pool([s[index] for s in self.splits], [a[index] for a in self.alpha],
+                    [b[index] for b in self.beta], self.value[index], self.term[index],
+                    self.cand[index])
+
+    @staticmethod
+    def cat(parts: list[Pool]) -> Pool:
+        first = parts[0]
+        return Pool([torch.cat([p.splits[k] for p in parts]) for k in range(len(first.splits))],
+                    [torch.cat([p.alpha[k] for p in parts]) for k in range(len(first.alpha))],
+                    [torch.cat([p.beta[k] for p in parts]) for k in range(len(first.beta))],
+                    torch.cat([p.value for p in parts]), torch.cat([p.term for p in parts]),
+                    torch.cat([p.cand for p in parts]))
+
+
+Leaf = Callable[[list[torch.Tensor], int], float]
+
+
+class Search:
+    """One input's branch and bound (`run`), on a float64 chain and its fast copy."""
+
+    def __init__(self, chain: Chain, inputs: InputSet, terms: Terms, slack: float,
+                 options: SearchOptions, leaf: Leaf | None = None,
+                 deadline: float | None = None) -> None:
+        self.chain, self.inputs, self.terms, self.slack = chain, inputs, terms, slack
+        self.options, self.leaf, self.deadline = options, leaf, deadline
+        device = inputs.centre.device
+        self.fast_chain = cast_chain(chain, options.dtype, device)
+        self.fast_inputs = inputs.to(options.dtype, device)
+        self.fast_terms = Terms(terms.c.to(options.dtype), terms.d.to(options.dtype),
+                                terms.valid)
+        self.magnitudes = abs_chain(chain)
+        self.visited = 0
+
+    # -- bounds -------------------------------------------------------------------------
+    def _fast_bound(self, pool: Pool, steps: Steps):
+        """Optimised float32 bounds of the pool's domains: (value (B,), Best)."""
+        bounds = split_bounds(self.fast_root, pool.splits)
+        c, d = self.fast_terms.c[pool.term], self.fast_terms.d[pool.term]
+        valid = self.terms.valid[pool.term]
+
+        def bound(alpha, beta):
+            return backward_bound(self.fast_chain, bounds, pool.splits, alpha, beta, c, d,
+                                  self.fast_inputs)
+
+        best = optimise(bound, pool.alpha, pool.beta, steps,
+                        stop=lambda v: bool((_term_value(v, valid) > 0).all()))
+        self.visited += len(pool)
+        return _term_value(best.value, valid), best, bounds
+
+    def _proven(self, pool: Pool) -> torch.Tensor:
+        """Float64 values of the pool's domains at their parameters, less rounding and slack."""
+        bounds = split_bounds(self.root, pool.splits)
+        c, d = self.terms.c[pool.term], self.terms.d[pool.term]
+        with torch.no_grad():
+            value, _, size = backward_bound(self.chain, bounds, pool.splits,
+                                            [a.double() for a in pool.alpha],
+                                            [b.double() for b in pool.beta], c, d, self.inputs,
+                                            magnitudes=self.magnitudes)
+        rows = value - rounding_factor(self.chain) * size
+        return _term_value(rows, self.terms.valid[pool.term]) - self.slack
+
+    # -- the search ---------------------------------------------------------------------
+    def run(self) -> Outcome:
+        start = time.perf_counter()
+        opts = self.options
+        self.root = root_bounds(self.chain, self.inputs, opts.interm_steps, opts.dtype,
+                                self.deadline)
+        self.fast_root = [(lo[None], up[None]) for lo, up in outward(self.root, opts.dtype)]
+        self.unstable = [(lo < 0) & (up > 0) for lo, up in self.root]
+        present = torch.nonzero(self.terms.valid.any(dim=1)).flatten()
+        count, rows = len(present), self.terms.c.shape[1]
+        if not count:
+            return Outcome(Status.VERIFIED, math.inf, 0, seconds=time.perf_counter() - start)
+        splits = [torch.zeros((count, len(lo)), dtype=torch.int8, device=lo.device)
+                  for lo, _ in self.root]
+        alpha = [a.to(opts.dtype).expand(count, -1, -1).clone()
+                 for a in initial_slopes([(lo[None], up[None]) for lo, up in self.root], rows)]
+        beta = [torch.zeros_like(a) for a in alpha]
+        pool = Pool(splits, alpha, beta, torch.full((count,), -math.inf, dtype=opts.dtype),
+                    present, torch.zeros((count, 0), dtype=torch.long))
+        pool, least = self._bound_children(pool, opts.root_steps)
+        root_margin = float(pool.value.min()) if len(pool) else least
+        log.debug("bab root: margin %.4g, %d terms open, %.1f s", root_margin, len(pool),
+                  time.perf_counter() - start)
+        while len(pool):
+            if deadline_passed(self.deadline):
+                return self._end(Status.TIMEOUT, root_margin, "out of time", start)
+            if len(pool) > opts.max_domains:
+                return self._end(Status.UNKNOWN, root_margin,
+                                 f"more than {opts.max_domains} open sub-domains", start)
+            order = torch.argsort(pool.value)
+            half = max(1, opts.batch // 2)
+            picked, rest = pool.take(order[:half]), pool.take(order[half:])
+            leaves = (picked.cand[:, 0] < 0) if picked.cand.shape[1] else \
+                torch.ones(len(picked), dtype=torch.bool)
+            for b in torch.nonzero(leaves).flatten().tolist():
+                value = self._leaf_value(picked.take(torch.tensor([b])))
+                if not value > 0:
+                    return self._end(Status.UNKNOWN, root_margin,
+                                     "a sub-domain with every ReLU fixed is not proven", start)
+                least = min(least, value)
+            picked = picked.take(torch.nonzero(~leaves).flatten())
+            if len(picked):
+                children = self._split(picked)
+                children, low = self._bound_children(children, opts.steps)
+                least = min(least, low)
+                pool = Pool.cat([children, rest]) if len(rest) else children
+            else:
+                pool = rest
+            log.debug("bab: %d bounded, %d open, worst %.4g, %.1f s", self.visited, len(pool),
+                      float(pool.value.min()) if len(pool) else math.inf,
+                      time.perf_counter() - start)
+        return self._end(Status.VERIFIED, least, "", start)
+
+    def _end(self, status: Status, margin: float, reason: str, start: float) -> Outcome:
+        return Outcome(status, margin, self.visited, reason, time.perf_counter() - start)
+
+    def _bound_children(self, pool: Pool, steps: Steps) -> tuple[Pool, float]:
+        """Bound the domains; return those left open (with their candidates) and the smallest
+        proven value among the rest (+inf when none)."""
+        value, best, bounds = self._fast_bound(pool, steps)
+        value = torch.maximum(value, pool.value)
+        pool = Pool(pool.splits, best.alpha, best.beta, value, pool.term, pool.cand)
+        done = value > 0
+        least = math.inf
+        if done.any():
+            idx = torch.nonzero(done).flatten()
+            sound = self._proven(pool.take(idx))
+            ok = sound > 0
+            if ok.any():
+                least = float(sound[ok].min())
+            failed = idx[~ok]
+            value[failed] = sound[~ok].to(value.dtype).clamp(max=0)
+            done[failed] = False
+        open_idx = torch.nonzero(~done).flatten()
+        left = pool.take(open_idx)
+        left.value = value[open_idx]
+        left.cand = self._candidates(left, [(lo[open_idx], up[open_idx]) for lo, up in bounds],
+                                     [c[open_idx] for c in best.coefs], best.value[open_idx])
+        return left, least
+
+    def _candidates(self, pool: Pool, bounds: Bounds, coefs: list[torch.Tensor],
+                    rows: torch.Tensor) -> torch.Tensor:
+        """Per domain the flat indices of its best-scored splittable neurons (-1: none)."""
+        if not len(pool):
+            return torch.zeros((0, CANDIDATES), dtype=torch.long)
+        valid = self.terms.valid[pool.term]
+        row = torch.where(valid, rows, torch.full_like(rows, -math.inf)).argmax(dim=1)
+        batch = torch.arange(len(pool))
+        parts = []
+        for (lo, up), a, s, root in zip(bounds, coefs, pool.splits, self.unstable, strict=True):
+            coef = a[batch, row]  # (B, n)
+            lo, up = lo.expand_as(coef), up.expand_as(coef)
+            open_ = root[None] & (s == 0)
+            width = torch.where(open_, up - lo, torch.ones_like(up))
+            intercept = torch.where(open_, -up * lo / width, torch.zeros_like(up))
+            score = torch.relu(-coef) * intercept + 1e-4 * coef.abs() * width
+            parts.append(torch.where(open_, score, torch.full_like(score, -math.inf)))
+        scores = torch.cat(parts, dim=1)
+        k = min(CANDIDATES, scores.shape[1])
+        top, index = scores.topk(k, dim=1)
+        index = torch.where(torch.isfinite(top), index, torch.full_like(index, -1))
+        if k < CANDIDATES:
+            pad = torch.full((len(pool), CANDIDATES - k), -1, dtype=torch.long)
+            index = torch.cat([index, pad], dim=1)
+        return index
+
+    def _split(self, pool: Pool) -> Pool:
+        """Children of each domain split on its best candidates (2^depth each), inheriting the
+        parent's parameters and bound; a new split's multiplier starts at 0."""
+        opts = self.options
+        depth = max(1, int(math.log2(max(opts.batch, 2) / len(pool))))
+        depth = min(depth, opts.max_depth, int((pool.cand >= 0).sum(dim=1).min()))
+        sizes = [len(lo) for lo, _ in self.root]
+        offsets = torch.tensor([0, *sizes]).cumsum(0)
+        for i in range(depth):
+            flat = pool.cand[:, i]
+            layer = torch.searchsorted(offsets, flat, right=True) - 1
+            both = pool.take(torch.cat([torch.arange(len(pool))] * 2))
+            sign = torch.cat([torch.full((len(pool),), -1, dtype=torch.int8),
+                              torch.full((len(pool),), 1, dtype=torch.int8)])
+            flat2, layer2 = torch.cat([flat, flat]), torch.cat([layer, layer])
+            for k in range(len(sizes)):
+                mine = torch.nonzero(layer2 == k).flatten()
+                if len(mine):
+                    both.splits[k] = both.splits[k].clone()
+                    both.splits[k][mine, flat2[mine] - offsets[k]] = sign[mine]
+            pool = both
+        return pool
+
+    def _leaf_value(self, pool: Pool) -> float:
+        """Exact value of a domain whose root-unstable neurons are all split (LPs)."""
+        if self.leaf is None:
+            return math.nan
+        return self.leaf([s[0] for s in pool.splits], int(pool.term[0])) - self.slack
+
+
+def _term_value(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per domain the max over its term's valid rows (`(B, R)` -> `(B,)`)."""
+    return torch.where(valid, rows, torch.full_like(rows, -math.inf)).max(dim=1).values
