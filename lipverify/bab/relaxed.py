@@ -137,12 +137,12 @@ def abs_chain(chain: Chain) -> Chain:
     return Chain(blocks, chain.input_shape)
 
 
-def rounding_factor(chain: Chain) -> float:
+def rounding_factor(chain: Chain, unit: float = 2.0**-53) -> float:
     """Relative allowance for float64 rounding of `backward_bound` given its magnitude `size`:
     Higham's `gamma` for the longest sum (a block's inputs plus outputs, plus a margin for the
-    elementwise steps), doubled to cover the magnitude's own rounding and weight folding."""
+    elementwise steps), doubled to cover the magnitude's own rounding and weight folding.
+    `unit` is the unit roundoff of the arithmetic (float64 by default)."""
     longest = max(b.in_size + b.out_size for b in chain.blocks) + 64
-    unit = 2.0**-53
     return 2.0 * longest * unit / (1.0 - longest * unit)
 
 

@@ -268,7 +268,7 @@ class Search:
         sizes = [len(lo) for lo, _ in self.root]
         offsets = torch.tensor([0, *sizes]).cumsum(0)
         for i in range(depth):
-            flat = pool.cand[:, i]
+            flat = pool.cand[:, i].contiguous()
             layer = torch.searchsorted(offsets, flat, right=True) - 1
             both = pool.take(torch.cat([torch.arange(len(pool))] * 2))
             sign = torch.cat([torch.full((len(pool),), -1, dtype=torch.int8),

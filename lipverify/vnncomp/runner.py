@@ -234,7 +234,7 @@ def _solve(onnx_path: str | Path, vnnlib_path: str | Path, options: RunOptions,
     backend_options = BackendOptions(str(onnx_path), prepared.spec.num_inputs,
                                      prepared.spec.num_outputs, options.backends,
                                      options.disabled, options.device,
-                                     _plain(options.backend_options))
+                                     _plain(_with_defaults(options.backend_options)))
     pool = WorkerBackends(backend_options) if options.isolate else LocalBackends(backend_options)
     try:
         try:
@@ -245,6 +245,20 @@ def _solve(onnx_path: str | Path, vnnlib_path: str | Path, options: RunOptions,
         return state.run(pool, summaries)
     finally:
         pool.close()
+
+
+# Backend options an instance run starts from (a config's sections override them key by key):
+# branch and bound gets the whole instance, not the per-input share `certify` gives it.
+VNNCOMP_DEFAULTS: dict[str, dict[str, Any]] = {"bab": {"time_per_input": None}}
+
+
+def _with_defaults(sections: Mapping[str, Mapping[str, Any]]
+                   ) -> dict[str, Mapping[str, Any]]:
+    """`VNNCOMP_DEFAULTS` updated by the given sections."""
+    out: dict[str, Mapping[str, Any]] = {k: dict(v) for k, v in VNNCOMP_DEFAULTS.items()}
+    for name, opts in sections.items():
+        out[name] = {**out.get(name, {}), **dict(opts or {})}
+    return out
 
 
 def _plain(sections: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
