@@ -52,6 +52,7 @@ class SearchOptions:
     interm_steps: Steps = Steps(iterations=20)
     max_domains: int = 200_000
     max_depth: int = 8
+    filtered: int = 3
     dtype: torch.dtype = torch.float32
 
 
@@ -259,27 +260,51 @@ class Search:
             index = torch.cat([index, pad], dim=1)
         return index
 
+    def _choose(self, pool: Pool) -> Pool:
+        """Filtered smart branching: of each domain's `options.filtered` best-scored
+        candidates, move to the front the one whose worse child bounds best (one pass, at
+        the parent's parameters, no optimisation)."""
+        k = min(self.options.filtered, pool.cand.shape[1])
+        if k <= 1 or not len(pool):
+            return pool
+        count = len(pool)
+        trials = [pool.take(torch.arange(count)) for _ in range(2 * k)]
+        sizes = [len(lo) for lo, _ in self.root]
+        offsets = torch.tensor([0, *sizes]).cumsum(0)
+        for j in range(k):
+            for half, sign in enumerate((-1, 1)):
+                _set_split(trials[2 * j + half], pool.cand[:, j].contiguous(), sign, offsets)
+        every = Pool.cat(trials)
+        bounds = split_bounds(self.fast_root, every.splits)
+        with torch.no_grad():
+            rows, _, _ = backward_bound(self.fast_chain, bounds, every.splits, every.alpha,
+                                        every.beta, self.fast_terms.c[every.term],
+                                        self.fast_terms.d[every.term], self.fast_inputs)
+        value = _term_value(rows, self.terms.valid[every.term]).reshape(k, 2, count)
+        score = value.min(dim=1).values  # (k, B)
+        score = torch.where(pool.cand[:, :k].T >= 0, score, torch.full_like(score, -math.inf))
+        pick = score.argmax(dim=0)
+        cand = pool.cand.clone()
+        rows_ = torch.arange(count)
+        cand[rows_, 0], cand[rows_, pick] = pool.cand[rows_, pick], pool.cand[rows_, 0]
+        pool.cand = cand
+        return pool
+
     def _split(self, pool: Pool) -> Pool:
         """Children of each domain split on its best candidates (2^depth each), inheriting the
         parent's parameters and bound; a new split's multiplier starts at 0."""
         opts = self.options
+        pool = self._choose(pool)
         depth = max(1, int(math.log2(max(opts.batch, 2) / len(pool))))
         depth = min(depth, opts.max_depth, int((pool.cand >= 0).sum(dim=1).min()))
         sizes = [len(lo) for lo, _ in self.root]
         offsets = torch.tensor([0, *sizes]).cumsum(0)
         for i in range(depth):
-            flat = pool.cand[:, i].contiguous()
-            layer = torch.searchsorted(offsets, flat, right=True) - 1
-            both = pool.take(torch.cat([torch.arange(len(pool))] * 2))
-            sign = torch.cat([torch.full((len(pool),), -1, dtype=torch.int8),
-                              torch.full((len(pool),), 1, dtype=torch.int8)])
-            flat2, layer2 = torch.cat([flat, flat]), torch.cat([layer, layer])
-            for k in range(len(sizes)):
-                mine = torch.nonzero(layer2 == k).flatten()
-                if len(mine):
-                    both.splits[k] = both.splits[k].clone()
-                    both.splits[k][mine, flat2[mine] - offsets[k]] = sign[mine]
-            pool = both
+            every = torch.arange(len(pool))
+            low, high = pool.take(every), pool.take(every)
+            _set_split(low, pool.cand[:, i].contiguous(), -1, offsets)
+            _set_split(high, pool.cand[:, i].contiguous(), 1, offsets)
+            pool = Pool.cat([low, high])
         return pool
 
     def _leaf_value(self, pool: Pool) -> float:
@@ -287,6 +312,16 @@ class Search:
         if self.leaf is None:
             return math.nan
         return self.leaf([s[0] for s in pool.splits], int(pool.term[0])) - self.slack
+
+
+def _set_split(pool: Pool, flat: torch.Tensor, sign: int, offsets: torch.Tensor) -> None:
+    """Split every domain of `pool` at flat neuron `flat[b]` with `sign` (in place)."""
+    layer = torch.searchsorted(offsets, flat, right=True) - 1
+    for k in range(len(pool.splits)):
+        mine = torch.nonzero(layer == k).flatten()
+        if len(mine):
+            pool.splits[k] = pool.splits[k].clone()
+            pool.splits[k][mine, flat[mine] - offsets[k]] = sign
 
 
 def _term_value(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
