@@ -47,7 +47,7 @@ CONFIRM = 1e-6  # a float64 margin below -CONFIRM is a counterexample (float64 e
 
 def _backends():
     names = []
-    for name in ("spectral", "lipsdp", "lirpa", "alpha-crown", "local", "l2prop"):
+    for name in ("spectral", "lipsdp", "lirpa", "alpha-crown", "local", "l2prop", "bab"):
         info = REGISTRY.info(name)
         if info.available:
             names.append(name)
