@@ -149,7 +149,8 @@ def rounding_factor(chain: Chain, unit: float = 2.0**-53) -> float:
 def backward_bound(chain: Chain, bounds: list[tuple[torch.Tensor, torch.Tensor]],
                    splits: list[torch.Tensor] | None, alpha: list[torch.Tensor],
                    beta: list[torch.Tensor] | None, c: torch.Tensor, d: torch.Tensor,
-                   inputs: InputSet, upto: int | None = None, magnitudes: Chain | None = None
+                   inputs: InputSet, upto: int | None = None, magnitudes: Chain | None = None,
+                   tau: list[torch.Tensor] | None = None
                    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Lower bounds `(B, R)` of `c . z_upto(x) - d` on each sub-domain.
 
@@ -162,6 +163,13 @@ def backward_bound(chain: Chain, bounds: list[tuple[torch.Tensor, torch.Tensor]]
         c, d: Rows `(B, R, m)` on `z_upto` and offsets `(B, R)`.
         inputs: The region.
         magnitudes: `abs_chain(chain)`, to also return the magnitude of the computation.
+        tau: Per ReLU `(B, R, n)` in `[0, 1]` (clamped here), with `bounds` the root's
+            (not clamped by the splits). A split neuron keeps its root relaxation, and its
+            upper line becomes `(1 - tau) u (z - l) / (u - l) + tau z` (active) or
+            `(1 - tau) u (z - l) / (u - l)` (inactive): each a convex combination of two
+            lines above the ReLU on the sub-domain. Its lower line stays `alpha z`, below the
+            ReLU everywhere. At `tau = 0`, a child's bound equals its parent's with the same
+            parameters, so a split never loosens a bound.
 
     Returns:
         The bounds, per ReLU the rows' coefficients `(B, R, n)` on its output (for branching),
@@ -194,6 +202,10 @@ def backward_bound(chain: Chain, bounds: list[tuple[torch.Tensor, torch.Tensor]]
         width = torch.where(unstable, up - lo, torch.ones_like(up))
         upper_slope = torch.where(unstable, up / width, active.to(up.dtype))
         intercept = torch.where(unstable, -upper_slope * lo, torch.zeros_like(lo))
+        if tau is not None and splits is not None:
+            t = tau[k].clamp(0, 1) * (splits[k] != 0)[:, None, :].to(up.dtype)
+            intercept = intercept * (1 - t)
+            upper_slope = upper_slope * (1 - t) + t * (splits[k] > 0)[:, None, :].to(up.dtype)
         lower_slope = torch.where(unstable, alpha[k].clamp(0, 1), active.to(up.dtype))
         neg = a.clamp(max=0)
         g = a.clamp(min=0) * lower_slope + neg * upper_slope

@@ -44,7 +44,12 @@ CANDIDATES = 8  # best-scored neurons kept per open sub-domain
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """Batch size, optimiser steps at the root and per batch, open-domain cap, dtype."""
+    """Batch size, optimiser steps at the root and per batch, open-domain cap, dtype, how many
+    candidates filtered branching tries, and `blend`: keep the split neurons' root relaxations,
+    blended with the exact line by `tau` (never looser than the parent), instead of clamping
+    their bounds at 0 as beta-CROWN does. Clamping is the default: on five hard mnist_fc
+    instances at 60 s it bounded 5-60 % more sub-domains, and on one it left 4 times fewer
+    open."""
 
     batch: int = 1024
     root_steps: Steps = Steps(iterations=60, target=0.0)
@@ -53,6 +58,7 @@ class SearchOptions:
     max_domains: int = 200_000
     max_depth: int = 8
     filtered: int = 3
+    blend: bool = False
     dtype: torch.dtype = torch.float32
 
 
@@ -80,7 +86,8 @@ class Terms:
 
 @dataclass(eq=False)
 class Pool:
-    """Open sub-domains: split signs, slopes, multipliers, bound, term, branching candidates."""
+    """Open sub-domains: split signs, slopes (`alpha`: the lower ones, then per ReLU the
+    split neurons' upper-line weights `tau`), multipliers, bound, term, branching candidates."""
 
     splits: list[torch.Tensor]
     alpha: list[torch.Tensor]
@@ -127,15 +134,24 @@ class Search:
         self.visited = 0
 
     # -- bounds -------------------------------------------------------------------------
+    def _bounds(self, root: Bounds, splits: list[torch.Tensor]) -> Bounds:
+        """The pre-activation bounds the relaxation uses: the root's as they are (blended
+        split relaxations) or clamped at 0 by the splits (beta-CROWN's)."""
+        return root if self.options.blend else split_bounds(root, splits)
+
+    def _tau(self, tau: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        return tau if self.options.blend else None
+
     def _fast_bound(self, pool: Pool, steps: Steps):
         """Optimised float32 bounds of the pool's domains: (value (B,), Best)."""
-        bounds = split_bounds(self.fast_root, pool.splits)
+        bounds = self._bounds(self.fast_root, pool.splits)
         c, d = self.fast_terms.c[pool.term], self.fast_terms.d[pool.term]
         valid = self.terms.valid[pool.term]
+        relus = len(bounds)
 
         def bound(alpha, beta):
-            return backward_bound(self.fast_chain, bounds, pool.splits, alpha, beta, c, d,
-                                  self.fast_inputs)
+            return backward_bound(self.fast_chain, bounds, pool.splits, alpha[:relus], beta, c,
+                                  d, self.fast_inputs, tau=self._tau(alpha[relus:]))
 
         best = optimise(bound, pool.alpha, pool.beta, steps,
                         stop=lambda v: bool((_term_value(v, valid) > 0).all()))
@@ -144,13 +160,15 @@ class Search:
 
     def _proven(self, pool: Pool) -> torch.Tensor:
         """Float64 values of the pool's domains at their parameters, less rounding and slack."""
-        bounds = split_bounds(self.root, pool.splits)
+        bounds = self._bounds([(lo[None], up[None]) for lo, up in self.root], pool.splits)
         c, d = self.terms.c[pool.term], self.terms.d[pool.term]
+        relus = len(bounds)
+        params = [a.double() for a in pool.alpha]
         with torch.no_grad():
-            value, _, size = backward_bound(self.chain, bounds, pool.splits,
-                                            [a.double() for a in pool.alpha],
+            value, _, size = backward_bound(self.chain, bounds, pool.splits, params[:relus],
                                             [b.double() for b in pool.beta], c, d, self.inputs,
-                                            magnitudes=self.magnitudes)
+                                            magnitudes=self.magnitudes,
+                                            tau=self._tau(params[relus:]))
         rows = value - rounding_factor(self.chain) * size
         return _term_value(rows, self.terms.valid[pool.term]) - self.slack
 
@@ -171,6 +189,7 @@ class Search:
         alpha = [a.to(opts.dtype).expand(count, -1, -1).clone()
                  for a in initial_slopes([(lo[None], up[None]) for lo, up in self.root], rows)]
         beta = [torch.zeros_like(a) for a in alpha]
+        alpha = alpha + [torch.zeros_like(a) for a in alpha]  # then tau
         pool = Pool(splits, alpha, beta, torch.full((count,), -math.inf, dtype=opts.dtype),
                     present, torch.zeros((count, 0), dtype=torch.long))
         pool, least = self._bound_children(pool, opts.root_steps)
@@ -230,7 +249,9 @@ class Search:
         open_idx = torch.nonzero(~done).flatten()
         left = pool.take(open_idx)
         left.value = value[open_idx]
-        left.cand = self._candidates(left, [(lo[open_idx], up[open_idx]) for lo, up in bounds],
+        left.cand = self._candidates(left, [(lo if len(lo) == 1 else lo[open_idx],
+                                             up if len(up) == 1 else up[open_idx])
+                                            for lo, up in bounds],
                                      [c[open_idx] for c in best.coefs], best.value[open_idx])
         return left, least
 
@@ -245,7 +266,7 @@ class Search:
         parts = []
         for (lo, up), a, s, root in zip(bounds, coefs, pool.splits, self.unstable, strict=True):
             coef = a[batch, row]  # (B, n)
-            lo, up = lo.expand_as(coef), up.expand_as(coef)
+            lo, up = lo.expand_as(coef), up.expand_as(coef)  # the root's
             open_ = root[None] & (s == 0)
             width = torch.where(open_, up - lo, torch.ones_like(up))
             intercept = torch.where(open_, -up * lo / width, torch.zeros_like(up))
@@ -275,11 +296,14 @@ class Search:
             for half, sign in enumerate((-1, 1)):
                 _set_split(trials[2 * j + half], pool.cand[:, j].contiguous(), sign, offsets)
         every = Pool.cat(trials)
-        bounds = split_bounds(self.fast_root, every.splits)
+        relus = len(self.root)
         with torch.no_grad():
-            rows, _, _ = backward_bound(self.fast_chain, bounds, every.splits, every.alpha,
-                                        every.beta, self.fast_terms.c[every.term],
-                                        self.fast_terms.d[every.term], self.fast_inputs)
+            rows, _, _ = backward_bound(self.fast_chain,
+                                        self._bounds(self.fast_root, every.splits),
+                                        every.splits, every.alpha[:relus], every.beta,
+                                        self.fast_terms.c[every.term],
+                                        self.fast_terms.d[every.term], self.fast_inputs,
+                                        tau=self._tau(every.alpha[relus:]))
         value = _term_value(rows, self.terms.valid[every.term]).reshape(k, 2, count)
         score = value.min(dim=1).values  # (k, B)
         score = torch.where(pool.cand[:, :k].T >= 0, score, torch.full_like(score, -math.inf))
@@ -315,13 +339,24 @@ class Search:
 
 
 def _set_split(pool: Pool, flat: torch.Tensor, sign: int, offsets: torch.Tensor) -> None:
-    """Split every domain of `pool` at flat neuron `flat[b]` with `sign` (in place)."""
+    """Split every domain of `pool` at flat neuron `flat[b]` with `sign` (in place).
+
+    The new split neuron starts exact on its side (lower slope 1 if active, 0 if inactive;
+    upper-line weight `tau` 1): the clamped relaxation beta-CROWN starts from. Its multiplier
+    starts at 0.
+    """
     layer = torch.searchsorted(offsets, flat, right=True) - 1
-    for k in range(len(pool.splits)):
+    relus = len(pool.splits)
+    for k in range(relus):
         mine = torch.nonzero(layer == k).flatten()
         if len(mine):
+            at = flat[mine] - offsets[k]
             pool.splits[k] = pool.splits[k].clone()
-            pool.splits[k][mine, flat[mine] - offsets[k]] = sign
+            pool.splits[k][mine, at] = sign
+            pool.alpha[k] = pool.alpha[k].clone()
+            pool.alpha[k][mine, :, at] = 1.0 if sign > 0 else 0.0
+            pool.alpha[relus + k] = pool.alpha[relus + k].clone()
+            pool.alpha[relus + k][mine, :, at] = 1.0
 
 
 def _term_value(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -87,8 +87,9 @@ def test_root_bounds_contain_every_sampled_pre_activation(kind, seed):
 @pytest.mark.parametrize("kind", ["box", "ball"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_split_bounds_hold_on_every_sampled_point_of_the_sub_domain(kind, seed):
-    """Random splits, slopes and multipliers (any values are valid): on every sample point
-    satisfying the splits, each row's value is at least the bound."""
+    """Random splits, slopes, upper-line weights and multipliers (any values are valid): on
+    every sample point satisfying the splits, each row's value is at least the bound, with the
+    split neurons' bounds clamped at 0 or with their root relaxation blended by `tau`."""
     module, chain = _net(seed)
     inputs = _region(kind, seed)
     root = root_bounds(chain, inputs, Steps(iterations=0))
@@ -109,7 +110,11 @@ def test_split_bounds_hold_on_every_sampled_point_of_the_sub_domain(kind, seed):
             for lo, _ in root]
     c = torch.randn(batch, rows, 3, generator=gen, dtype=torch.float64)
     d = torch.randn(batch, rows, generator=gen, dtype=torch.float64)
-    value, _, _ = backward_bound(chain, bounds, splits, alpha, beta, c, d, inputs)
+    clamped, _, _ = backward_bound(chain, bounds, splits, alpha, beta, c, d, inputs)
+    tau = [torch.rand(batch, rows, len(lo), generator=gen, dtype=torch.float64) * 1.4 - 0.2
+           for lo, _ in root]
+    blended, _, _ = backward_bound(chain, [(lo[None], up[None]) for lo, up in root], splits,
+                                   alpha, beta, c, d, inputs, tau=tau)
     x = _samples(inputs, 20000, seed)
     with torch.no_grad():
         pre = _pre_activations(module, x)
@@ -122,7 +127,8 @@ def test_split_bounds_hold_on_every_sampled_point_of_the_sub_domain(kind, seed):
             ok &= ((s[b] < 0) & (z > 0)).sum(dim=1) == 0
         if ok.any():
             rows_at = out[ok] @ c[b].T - d[b]
-            assert (rows_at.min(dim=0).values >= value[b] - 1e-9).all()
+            for value in (clamped, blended):
+                assert (rows_at.min(dim=0).values >= value[b] - 1e-9).all()
             checked += 1
     assert checked == batch
 
@@ -165,3 +171,22 @@ def test_optimised_bound_is_never_below_the_start():
     assert (best.value >= start).all() and (best.value > start + 1e-6).any()
     again, _, _ = bound(best.alpha, None)
     assert torch.allclose(again, best.value)
+
+
+def test_a_split_with_tau_zero_keeps_the_parents_bound():
+    """With `tau` = 0 and the new split's multiplier 0, the child's bound is the parent's."""
+    _, chain = _net(5)
+    inputs = _region("box", 5)
+    root = [(lo[None], up[None]) for lo, up in root_bounds(chain, inputs, Steps(iterations=0))]
+    c = -torch.eye(3, dtype=torch.float64)[None]
+    d = torch.full((1, 3), -5.0, dtype=torch.float64)
+    alpha = initial_slopes(root, 3)
+    zeros = [torch.zeros_like(a) for a in alpha]
+    parent, _, _ = backward_bound(chain, root, None, alpha, None, c, d, inputs)
+    k = 1
+    j = int(torch.nonzero((root[k][0][0] < 0) & (root[k][1][0] > 0))[0])
+    for sign in (-1, 1):
+        splits = [torch.zeros_like(lo, dtype=torch.int8) for lo, _ in root]
+        splits[k][0, j] = sign
+        child, _, _ = backward_bound(chain, root, splits, alpha, zeros, c, d, inputs, tau=zeros)
+        assert torch.allclose(child, parent)
