@@ -126,6 +126,7 @@ class Search:
         self.chain, self.inputs, self.terms, self.slack = chain, inputs, terms, slack
         self.options, self.leaf, self.deadline = options, leaf, deadline
         device = inputs.centre.device
+        self.device = device
         self.fast_chain = cast_chain(chain, options.dtype, device)
         self.fast_inputs = inputs.to(options.dtype, device)
         self.fast_terms = Terms(terms.c.to(options.dtype), terms.d.to(options.dtype),
@@ -190,8 +191,8 @@ class Search:
                  for a in initial_slopes([(lo[None], up[None]) for lo, up in self.root], rows)]
         beta = [torch.zeros_like(a) for a in alpha]
         alpha = alpha + [torch.zeros_like(a) for a in alpha]  # then tau
-        pool = Pool(splits, alpha, beta, torch.full((count,), -math.inf, dtype=opts.dtype),
-                    present, torch.zeros((count, 0), dtype=torch.long))
+        pool = Pool(splits, alpha, beta, torch.full((count,), -math.inf, dtype=opts.dtype, device=self.device),
+                    present, torch.zeros((count, 0), dtype=torch.long, device=self.device))
         pool, least = self._bound_children(pool, opts.root_steps)
         root_margin = float(pool.value.min()) if len(pool) else least
         log.debug("bab root: margin %.4g, %d terms open, %.1f s", root_margin, len(pool),
@@ -206,9 +207,9 @@ class Search:
             half = max(1, opts.batch // 2)
             picked, rest = pool.take(order[:half]), pool.take(order[half:])
             leaves = (picked.cand[:, 0] < 0) if picked.cand.shape[1] else \
-                torch.ones(len(picked), dtype=torch.bool)
+                torch.ones(len(picked), dtype=torch.bool, device=self.device)
             for b in torch.nonzero(leaves).flatten().tolist():
-                value = self._leaf_value(picked.take(torch.tensor([b])))
+                value = self._leaf_value(picked.take(torch.tensor([b], device=self.device)))
                 if not value > 0:
                     return self._end(Status.UNKNOWN, root_margin,
                                      "a sub-domain with every ReLU fixed is not proven", start)
@@ -259,10 +260,10 @@ class Search:
                     rows: torch.Tensor) -> torch.Tensor:
         """Per domain the flat indices of its best-scored splittable neurons (-1: none)."""
         if not len(pool):
-            return torch.zeros((0, CANDIDATES), dtype=torch.long)
+            return torch.zeros((0, CANDIDATES), dtype=torch.long, device=self.device)
         valid = self.terms.valid[pool.term]
         row = torch.where(valid, rows, torch.full_like(rows, -math.inf)).argmax(dim=1)
-        batch = torch.arange(len(pool))
+        batch = torch.arange(len(pool), device=self.device)
         parts = []
         for (lo, up), a, s, root in zip(bounds, coefs, pool.splits, self.unstable, strict=True):
             coef = a[batch, row]  # (B, n)
@@ -277,7 +278,8 @@ class Search:
         top, index = scores.topk(k, dim=1)
         index = torch.where(torch.isfinite(top), index, torch.full_like(index, -1))
         if k < CANDIDATES:
-            pad = torch.full((len(pool), CANDIDATES - k), -1, dtype=torch.long)
+            pad = torch.full((len(pool), CANDIDATES - k), -1, dtype=torch.long,
+                             device=self.device)
             index = torch.cat([index, pad], dim=1)
         return index
 
@@ -289,9 +291,9 @@ class Search:
         if k <= 1 or not len(pool):
             return pool
         count = len(pool)
-        trials = [pool.take(torch.arange(count)) for _ in range(2 * k)]
+        trials = [pool.take(torch.arange(count, device=self.device)) for _ in range(2 * k)]
         sizes = [len(lo) for lo, _ in self.root]
-        offsets = torch.tensor([0, *sizes]).cumsum(0)
+        offsets = torch.tensor([0, *sizes], device=self.device).cumsum(0)
         for j in range(k):
             for half, sign in enumerate((-1, 1)):
                 _set_split(trials[2 * j + half], pool.cand[:, j].contiguous(), sign, offsets)
@@ -309,7 +311,7 @@ class Search:
         score = torch.where(pool.cand[:, :k].T >= 0, score, torch.full_like(score, -math.inf))
         pick = score.argmax(dim=0)
         cand = pool.cand.clone()
-        rows_ = torch.arange(count)
+        rows_ = torch.arange(count, device=self.device)
         cand[rows_, 0], cand[rows_, pick] = pool.cand[rows_, pick], pool.cand[rows_, 0]
         pool.cand = cand
         return pool
@@ -322,9 +324,9 @@ class Search:
         depth = max(1, int(math.log2(max(opts.batch, 2) / len(pool))))
         depth = min(depth, opts.max_depth, int((pool.cand >= 0).sum(dim=1).min()))
         sizes = [len(lo) for lo, _ in self.root]
-        offsets = torch.tensor([0, *sizes]).cumsum(0)
+        offsets = torch.tensor([0, *sizes], device=self.device).cumsum(0)
         for i in range(depth):
-            every = torch.arange(len(pool))
+            every = torch.arange(len(pool), device=self.device)
             low, high = pool.take(every), pool.take(every)
             _set_split(low, pool.cand[:, i].contiguous(), -1, offsets)
             _set_split(high, pool.cand[:, i].contiguous(), 1, offsets)
