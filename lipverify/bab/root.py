@@ -3,8 +3,8 @@
 Layer by layer, the bounds of ReLU `k`'s input are the rows `+e_j` and `-e_j` of block `k`'s
 output bounded by `backward_bound` over the earlier ReLUs' bounds: CROWN's slopes first, then
 each row's own slopes optimised (in float32, for speed). The answer is re-evaluated in float64
-at the best slopes and lowered by its proven rounding allowance (`backward_bound`), so it is sound whatever the float32
-optimiser did; the tighter of the CROWN and optimised bounds is kept per neuron.
+at the best slopes and lowered by its proven rounding allowance (`backward_bound`), so it is
+sound whatever the float32 optimiser did; the tighter of the CROWN and optimised bounds is kept per neuron.
 """
 
 from __future__ import annotations

@@ -86,8 +86,9 @@ class Terms:
 
 @dataclass(eq=False)
 class Pool:
-    """Open sub-domains: split signs, slopes (`alpha`: the lower ones, then per ReLU the
-    split neurons' upper-line weights `tau`), multipliers, bound, term, branching candidates."""
+    """Open sub-domains: split signs, slopes (`alpha`: the lower ones, then with `blend` per
+    ReLU the split neurons' upper-line weights `tau`), multipliers, bound, term, branching
+    candidates."""
 
     splits: list[torch.Tensor]
     alpha: list[torch.Tensor]
@@ -190,9 +191,11 @@ class Search:
         alpha = [a.to(opts.dtype).expand(count, -1, -1).clone()
                  for a in initial_slopes([(lo[None], up[None]) for lo, up in self.root], rows)]
         beta = [torch.zeros_like(a) for a in alpha]
-        alpha = alpha + [torch.zeros_like(a) for a in alpha]  # then tau
-        pool = Pool(splits, alpha, beta, torch.full((count,), -math.inf, dtype=opts.dtype, device=self.device),
-                    present, torch.zeros((count, 0), dtype=torch.long, device=self.device))
+        if opts.blend:
+            alpha = alpha + [torch.zeros_like(a) for a in alpha]  # then tau
+        start_value = torch.full((count,), -math.inf, dtype=opts.dtype, device=self.device)
+        pool = Pool(splits, alpha, beta, start_value, present,
+                    torch.zeros((count, 0), dtype=torch.long, device=self.device))
         pool, least = self._bound_children(pool, opts.root_steps)
         root_margin = float(pool.value.min()) if len(pool) else least
         log.debug("bab root: margin %.4g, %d terms open, %.1f s", root_margin, len(pool),
@@ -357,8 +360,9 @@ def _set_split(pool: Pool, flat: torch.Tensor, sign: int, offsets: torch.Tensor)
             pool.splits[k][mine, at] = sign
             pool.alpha[k] = pool.alpha[k].clone()
             pool.alpha[k][mine, :, at] = 1.0 if sign > 0 else 0.0
-            pool.alpha[relus + k] = pool.alpha[relus + k].clone()
-            pool.alpha[relus + k][mine, :, at] = 1.0
+            if len(pool.alpha) > relus:  # blended relaxations: tau per ReLU
+                pool.alpha[relus + k] = pool.alpha[relus + k].clone()
+                pool.alpha[relus + k][mine, :, at] = 1.0
 
 
 def _term_value(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
