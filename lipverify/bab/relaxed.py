@@ -16,7 +16,9 @@ sub-domain since a sub-domain is a subset of the root region.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,20 +89,22 @@ def outward(bounds: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
     return [(_down(lo, dtype), _up(up, dtype)) for lo, up in bounds]
 
 
-def cast_chain(chain: Chain, dtype: torch.dtype, device: torch.device | str) -> Chain:
-    """The chain with every weight in `dtype` on `device` (the maps are the same up to the
-    rounding of the weights; bounds that must be sound are computed on the float64 chain)."""
-    import dataclasses
-
-    def cast(layer):
-        changes = {f.name: getattr(layer, f.name).to(device, dtype)
-                   for f in dataclasses.fields(layer)
+def map_tensors(chain: Chain, fn: Callable[[torch.Tensor], torch.Tensor]) -> Chain:
+    """The chain with `fn` applied to every tensor of every layer (weights, biases, shifts)."""
+    def apply(layer):
+        changes = {f.name: fn(getattr(layer, f.name)) for f in dataclasses.fields(layer)
                    if isinstance(getattr(layer, f.name), torch.Tensor)}
         return dataclasses.replace(layer, **changes)
 
-    blocks = tuple(dataclasses.replace(b, layers=tuple(cast(la) for la in b.layers))
+    blocks = tuple(dataclasses.replace(b, layers=tuple(apply(la) for la in b.layers))
                    for b in chain.blocks)
     return Chain(blocks, chain.input_shape)
+
+
+def cast_chain(chain: Chain, dtype: torch.dtype, device: torch.device | str) -> Chain:
+    """The chain with every weight in `dtype` on `device` (the maps are the same up to the
+    rounding of the weights; bounds that must be sound are computed on the float64 chain)."""
+    return map_tensors(chain, lambda t: t.to(device, dtype))
 
 
 def split_bounds(root: list[tuple[torch.Tensor, torch.Tensor]], splits: list[torch.Tensor]
@@ -125,16 +129,7 @@ def initial_slopes(bounds: list[tuple[torch.Tensor, torch.Tensor]], rows: int
 def abs_chain(chain: Chain) -> Chain:
     """The chain with every weight, bias and shift replaced by its absolute value: its
     `backward` of `|lam|` gives `(|lam| |W|, |lam| . |b|)`, the magnitudes rounding scales with."""
-    import dataclasses
-
-    def absolute(layer):
-        changes = {f.name: getattr(layer, f.name).abs() for f in dataclasses.fields(layer)
-                   if isinstance(getattr(layer, f.name), torch.Tensor)}
-        return dataclasses.replace(layer, **changes)
-
-    blocks = tuple(dataclasses.replace(b, layers=tuple(absolute(la) for la in b.layers))
-                   for b in chain.blocks)
-    return Chain(blocks, chain.input_shape)
+    return map_tensors(chain, torch.abs)
 
 
 def rounding_factor(chain: Chain, unit: float = 2.0**-53) -> float:

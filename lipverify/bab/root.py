@@ -4,7 +4,8 @@ Layer by layer, the bounds of ReLU `k`'s input are the rows `+e_j` and `-e_j` of
 output bounded by `backward_bound` over the earlier ReLUs' bounds: CROWN's slopes first, then
 each row's own slopes optimised (in float32, for speed). The answer is re-evaluated in float64
 at the best slopes and lowered by its proven rounding allowance (`backward_bound`), so it is
-sound whatever the float32 optimiser did; the tighter of the CROWN and optimised bounds is kept per neuron.
+sound whatever the float32 optimiser did; the tighter of the CROWN and optimised bounds is
+kept per neuron.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ Bounds = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def root_bounds(chain: Chain, inputs: InputSet, steps: Steps, dtype: torch.dtype = torch.float32,
-                deadline: float | None = None) -> Bounds:
-    """Sound float64 bounds `(n_k,)` of every ReLU's input over `inputs` (float64 chain)."""
+                deadline: float | None = None, magnitudes: Chain | None = None) -> Bounds:
+    """Sound float64 bounds `(n_k,)` of every ReLU's input over `inputs` (float64 chain;
+    `magnitudes` is its `abs_chain`, built here when not given)."""
     fast_chain = cast_chain(chain, dtype, inputs.centre.device)
-    magnitudes = abs_chain(chain)
+    magnitudes = abs_chain(chain) if magnitudes is None else magnitudes
     fast_inputs = inputs.to(dtype, inputs.centre.device)
     bounds: Bounds = []
     for k in range(chain.num_relus):

@@ -179,7 +179,7 @@ class Search:
         start = time.perf_counter()
         opts = self.options
         self.root = root_bounds(self.chain, self.inputs, opts.interm_steps, opts.dtype,
-                                self.deadline)
+                                self.deadline, self.magnitudes)
         self.fast_root = [(lo[None], up[None]) for lo, up in outward(self.root, opts.dtype)]
         self.unstable = [(lo < 0) & (up > 0) for lo, up in self.root]
         present = torch.nonzero(self.terms.valid.any(dim=1)).flatten()
