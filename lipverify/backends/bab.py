@@ -21,17 +21,18 @@ import numpy as np
 import torch
 
 from lipverify.bab.optimise import Steps
-from lipverify.bab.relaxed import InputSet, cast_chain
-from lipverify.bab.search import Search, SearchOptions, Terms
-from lipverify.backends._leaf_lp import LeafRegion, leaf_lower_bounds, relu_layers
+from lipverify.bab.problem import chain_of, input_set, leaf_region, terms_of
+from lipverify.bab.relaxed import cast_chain
+from lipverify.bab.search import Search, SearchOptions
+from lipverify.backends._leaf_lp import leaf_lower_bounds, relu_layers
 from lipverify.backends._lirpa_adapter import DTYPE, LirpaAdapter, LirpaOptions, _help
 from lipverify.backends._margin_search import Outcomes, Region, Spec
 from lipverify.backends.lirpa import LirpaBackend
 from lipverify.errors import BackendUnavailable, ModelError
+from lipverify.bounds.chain import Chain
 from lipverify.network.layers import Activation
-from lipverify.bounds.chain import Chain, build_chain
 from lipverify.network.network import Network
-from lipverify.types import Certificate, Norm, Problem, Status, deadline_passed
+from lipverify.types import Certificate, Problem, Status, deadline_passed
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class BabBackend(LirpaBackend):
         region, spec, slack, violated, centre = (facts.region, facts.spec, facts.slack,
                                                  facts.violated, facts.centre)
         n = len(problem)
-        chain = _chain_of(network)
+        chain = chain_of(network)
         results: list[SearchResult | None] = [None] * n
         for i in range(n):
             if violated[i] or adapter is None or deadline_passed(deadline):
@@ -229,8 +230,8 @@ class BabBackend(LirpaBackend):
                      slack: float, deadline: float | None) -> SearchResult:
         """Branch and bound for one input on the network's ReLU chain (`lipverify.bab`)."""
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        inputs = _input_set(region, device)
-        terms = _terms(spec, device)
+        inputs = input_set(region, device)
+        terms = terms_of(spec, device)
         opts = self.options
         search_opts = SearchOptions(batch=opts.domains_per_batch, max_domains=opts.max_domains,
                                     steps=Steps(iterations=max(opts.beta_iterations, 0),
@@ -244,7 +245,7 @@ class BabBackend(LirpaBackend):
             active = [((lo >= 0) | (s > 0)).cpu().numpy() for (lo, _), s in zip(root, splits)]
             constrained = [u.cpu().numpy() for u in search.unstable]
             keep = terms.valid[term].cpu().numpy()
-            rows, _ = leaf_lower_bounds(layers, active, constrained, _leaf_region(region),
+            rows, _ = leaf_lower_bounds(layers, active, constrained, leaf_region(region),
                                         terms.c[term].cpu().numpy()[keep],
                                         terms.d[term].cpu().numpy()[keep])
             return float(rows.max())
@@ -347,50 +348,6 @@ class BabBackend(LirpaBackend):
         return SearchResult(Status.VERIFIED, least, visited)
 
 
-def _chain_of(network: Network) -> Chain | None:
-    """The network's ReLU chain (float64), or None when its layer view is not one."""
-    if network.layers is None or relu_layers(network.layers) is None:
-        return None
-    try:
-        return build_chain(network.layers, network.input_shape)
-    except ModelError:
-        return None
-
-
-def _input_set(region: Region, device: torch.device) -> InputSet:
-    """The one input's region as a flat float64 box or L2 ball."""
-    def flat(a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(a, dtype=np.float64).reshape(-1), device=device)
-
-    centre = flat(region.centres[0])
-    if region.is_box:
-        return InputSet.box(flat(region.lower[0]), flat(region.upper[0]))
-    eps = float(region.eps[0])
-    if region.norm == Norm.L2:
-        return InputSet.ball(centre, eps)
-    return InputSet.box(centre - eps, centre + eps)
-
-
-def _terms(spec: Spec, device: torch.device) -> Terms:
-    """The one input's property as `Terms` (rows whose fill is NaN are real)."""
-    shape = (spec.terms, spec.rows)
-    c = torch.as_tensor(spec.c[0].reshape(*shape, -1), dtype=torch.float64, device=device)
-    d = torch.as_tensor(spec.d[0].reshape(shape), dtype=torch.float64, device=device)
-    valid = torch.as_tensor(np.isnan(spec.fill[0]).reshape(shape), device=device)
-    return Terms(c, d, valid)
-
-
-def _leaf_region(region: Region) -> LeafRegion:
-    """The one input's region for the leaf LPs."""
-    centre = region.centres[0].reshape(-1).astype(np.float64)
-    if region.is_box:
-        lower, upper = region.lower[0].reshape(-1), region.upper[0].reshape(-1)
-    else:
-        lower, upper = centre - region.eps[0], centre + region.eps[0]
-    return LeafRegion(lower.astype(np.float64), upper.astype(np.float64), centre,
-                      region.norm, float(region.eps[0]))
-
-
 def _empty(bounds: Bounds, count: int) -> np.ndarray:
     """Per domain, whether some neuron's lower bound exceeds its upper one beyond rounding:
     no point of the region satisfies the domain's splits (nothing there to refute)."""
@@ -408,10 +365,10 @@ def _leaf_value(adapter: LirpaAdapter, bounds: Bounds, unstable: list[torch.Tens
     sizes = [int(np.prod(layer.in_shape)) for layer in layers if isinstance(layer, Activation)]
     if sizes != [len(lo) for lo, _ in bounds]:
         return float("nan")
-    leaf_region = _leaf_region(region)
     active = [(lo >= 0).cpu().numpy() for lo, _ in bounds]
     constrained = [u[0].cpu().numpy() for u in unstable]
-    rows, _ = leaf_lower_bounds(layers, active, constrained, leaf_region, spec.c[0], spec.d[0])
+    rows, _ = leaf_lower_bounds(layers, active, constrained, leaf_region(region), spec.c[0],
+                                spec.d[0])
     return float(spec.combine(rows[None])[0]) - slack
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from lipverify.bab.problem import chain_of, input_set, terms_of
 from lipverify.bab.search import Search, SearchOptions
 from lipverify.backends._margin_search import CentreFacts
-from lipverify.backends.bab import _chain_of, _input_set, _terms
 from lipverify.network.load import load_network
 from lipverify.testing import one_torch_thread
 from lipverify.types import Perturbation, Problem, Status
@@ -31,13 +31,13 @@ def test_verified_exactly_when_the_milp_says_robust(blend):
     eps = 0.6
     problem = Problem.robustness(x, labels, 3, Perturbation.ball("inf", eps))
     facts = CentreFacts.of(net, problem)
-    chain = _chain_of(net)
+    chain = chain_of(net)
     got, domains = [], []
     with one_torch_thread():
         for i in range(len(x)):
             region, spec = facts.region.subset(np.array([i])), facts.spec.subset(np.array([i]))
-            search = Search(chain, _input_set(region, torch.device("cpu")),
-                            _terms(spec, torch.device("cpu")), 0.0,
+            search = Search(chain, input_set(region, torch.device("cpu")),
+                            terms_of(spec, torch.device("cpu")), 0.0,
                             SearchOptions(batch=8, blend=blend))
             out = search.run()
             got.append(out.status == Status.VERIFIED)
