@@ -10,6 +10,8 @@ kept per neuron.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lipverify.bab.optimise import Steps, optimise
@@ -28,14 +30,31 @@ from lipverify.types import deadline_passed
 Bounds = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass(frozen=True, eq=False)
+class Root:
+    """Sound float64 bounds `(n_k,)` per ReLU, and per ReLU `k` the slopes that gave them:
+    `slopes[k][j]` `(2 n_k, n_j)` on ReLU `j < k` for the rows `+e_i` then `-e_i` (`dtype`)."""
+
+    bounds: Bounds
+    slopes: list[list[torch.Tensor]]
+
+
 def root_bounds(chain: Chain, inputs: InputSet, steps: Steps, dtype: torch.dtype = torch.float32,
                 deadline: float | None = None, magnitudes: Chain | None = None) -> Bounds:
     """Sound float64 bounds `(n_k,)` of every ReLU's input over `inputs` (float64 chain;
     `magnitudes` is its `abs_chain`, built here when not given)."""
+    return root_relaxation(chain, inputs, steps, dtype, deadline, magnitudes).bounds
+
+
+def root_relaxation(chain: Chain, inputs: InputSet, steps: Steps,
+                    dtype: torch.dtype = torch.float32, deadline: float | None = None,
+                    magnitudes: Chain | None = None) -> Root:
+    """`root_bounds` with the slopes behind them (for sub-domains' own bounds)."""
     fast_chain = cast_chain(chain, dtype, inputs.centre.device)
     magnitudes = abs_chain(chain) if magnitudes is None else magnitudes
     fast_inputs = inputs.to(dtype, inputs.centre.device)
     bounds: Bounds = []
+    slopes: list[list[torch.Tensor]] = []
     for k in range(chain.num_relus):
         n = chain.blocks[k].out_size
         eye = torch.eye(n, dtype=torch.float64, device=inputs.centre.device)
@@ -44,6 +63,7 @@ def root_bounds(chain: Chain, inputs: InputSet, steps: Steps, dtype: torch.dtype
         d = torch.zeros(1, 2 * n, dtype=torch.float64, device=inputs.centre.device)
         crown_alpha = initial_slopes([(lo[None], up[None]) for lo, up in bounds], 2 * n)
         lower = _sound(chain, magnitudes, bounds, crown_alpha, c, d, inputs, k)
+        used = [a[0].to(dtype) for a in crown_alpha]
         if k > 0 and steps.iterations > 0 and not deadline_passed(deadline):
             fast = [(lo[None], up[None]) for lo, up in outward(bounds, dtype)]
 
@@ -53,9 +73,12 @@ def root_bounds(chain: Chain, inputs: InputSet, steps: Steps, dtype: torch.dtype
             best = optimise(bound, [a.to(dtype) for a in crown_alpha], None, steps)
             tuned = _sound(chain, magnitudes, bounds, [a.double() for a in best.alpha], c, d,
                            inputs, k)
+            better = tuned > lower
+            used = [torch.where(better[:, None], a[0], u) for a, u in zip(best.alpha, used)]
             lower = torch.maximum(lower, tuned)
         bounds.append((lower[:n], -lower[n:]))
-    return bounds
+        slopes.append(used)
+    return Root(bounds, slopes)
 
 
 def _sound(chain: Chain, magnitudes: Chain, bounds: Bounds, alpha: list[torch.Tensor],

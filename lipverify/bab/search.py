@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lipverify.bab.interm import Interm, refine
 from lipverify.bab.optimise import Steps, optimise
 from lipverify.bab.relaxed import (
     InputSet,
@@ -33,13 +34,14 @@ from lipverify.bab.relaxed import (
     rounding_factor,
     split_bounds,
 )
-from lipverify.bab.root import Bounds, root_bounds
+from lipverify.bab.root import Bounds, root_relaxation
 from lipverify.bounds.chain import Chain
 from lipverify.types import Status, deadline_passed
 
 log = logging.getLogger(__name__)
 
 CANDIDATES = 8  # best-scored neurons kept per open sub-domain
+STABLE_SCORE = -1e30  # a root-unstable neuron the domain's own bounds make stable
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class SearchOptions:
     max_depth: int = 8
     filtered: int = 3
     blend: bool = False
+    refine: bool = True
+    trust_fast: bool | None = None
     dtype: torch.dtype = torch.float32
 
 
@@ -88,7 +92,8 @@ class Terms:
 class Pool:
     """Open sub-domains: split signs, slopes (`alpha`: the lower ones, then with `blend` per
     ReLU the split neurons' upper-line weights `tau`), multipliers, bound, term, branching
-    candidates."""
+    candidates, and the root-unstable neurons' bounds on the domain (`Interm`, float32
+    guides)."""
 
     splits: list[torch.Tensor]
     alpha: list[torch.Tensor]
@@ -96,23 +101,28 @@ class Pool:
     value: torch.Tensor
     term: torch.Tensor
     cand: torch.Tensor
+    lower: list[torch.Tensor]
+    upper: list[torch.Tensor]
 
     def __len__(self) -> int:
         return len(self.value)
 
     def take(self, index: torch.Tensor) -> Pool:
-        return Pool([s[index] for s in self.splits], [a[index] for a in self.alpha],
-                    [b[index] for b in self.beta], self.value[index], self.term[index],
-                    self.cand[index])
+        def pick(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [t[index] for t in tensors]
+
+        return Pool(pick(self.splits), pick(self.alpha), pick(self.beta), self.value[index],
+                    self.term[index], self.cand[index], pick(self.lower), pick(self.upper))
 
     @staticmethod
     def cat(parts: list[Pool]) -> Pool:
-        first = parts[0]
-        return Pool([torch.cat([p.splits[k] for p in parts]) for k in range(len(first.splits))],
-                    [torch.cat([p.alpha[k] for p in parts]) for k in range(len(first.alpha))],
-                    [torch.cat([p.beta[k] for p in parts]) for k in range(len(first.beta))],
+        def join(name: str) -> list[torch.Tensor]:
+            lists = [getattr(p, name) for p in parts]
+            return [torch.cat([t[k] for t in lists]) for k in range(len(lists[0]))]
+
+        return Pool(join("splits"), join("alpha"), join("beta"),
                     torch.cat([p.value for p in parts]), torch.cat([p.term for p in parts]),
-                    torch.cat([p.cand for p in parts]))
+                    torch.cat([p.cand for p in parts]), join("lower"), join("upper"))
 
 
 Leaf = Callable[[list[torch.Tensor], int], float]
@@ -133,20 +143,27 @@ class Search:
         self.fast_terms = Terms(terms.c.to(options.dtype), terms.d.to(options.dtype),
                                 terms.valid)
         self.magnitudes = abs_chain(chain)
+        self.fast_magnitudes = abs_chain(self.fast_chain)
+        self.fast_unit = torch.finfo(options.dtype).eps / 2
+        # On a GPU, float32 matmuls and convolutions may run in TF32 or by FFT, outside the
+        # componentwise rounding model: there the proof recomputes every bound in float64.
+        self.trust_fast = device.type == "cpu" if options.trust_fast is None \
+            else options.trust_fast
         self.visited = 0
 
     # -- bounds -------------------------------------------------------------------------
-    def _bounds(self, root: Bounds, splits: list[torch.Tensor]) -> Bounds:
-        """The pre-activation bounds the relaxation uses: the root's as they are (blended
-        split relaxations) or clamped at 0 by the splits (beta-CROWN's)."""
-        return root if self.options.blend else split_bounds(root, splits)
+    def _bounds(self, pool: Pool) -> Bounds:
+        """The pre-activation bounds the relaxation uses on each domain: its own, as they are
+        (blended split relaxations) or clamped at 0 by the splits (beta-CROWN's)."""
+        full = self.interm.full(pool.lower, pool.upper)
+        return full if self.options.blend else split_bounds(full, pool.splits)
 
     def _tau(self, tau: list[torch.Tensor]) -> list[torch.Tensor] | None:
         return tau if self.options.blend else None
 
     def _fast_bound(self, pool: Pool, steps: Steps):
         """Optimised float32 bounds of the pool's domains: (value (B,), Best)."""
-        bounds = self._bounds(self.fast_root, pool.splits)
+        bounds = self._bounds(pool)
         c, d = self.fast_terms.c[pool.term], self.fast_terms.d[pool.term]
         valid = self.terms.valid[pool.term]
         relus = len(bounds)
@@ -161,8 +178,22 @@ class Search:
         return _term_value(best.value, valid), best, bounds
 
     def _proven(self, pool: Pool) -> torch.Tensor:
-        """Float64 values of the pool's domains at their parameters, less rounding and slack."""
-        bounds = self._bounds([(lo[None], up[None]) for lo, up in self.root], pool.splits)
+        """Float64 values of the pool's domains at their parameters, less rounding and slack:
+        their pre-activation bounds recomputed in float64 (sound), then the rows."""
+        if self.trust_fast:  # the search's own bounds carry their float32 allowance
+            lower, upper = [lo.double() for lo in pool.lower], [up.double() for up in pool.upper]
+        else:
+            lower, upper = self.sound.start(len(pool))
+            if self.options.refine:
+                refine(self.chain, self.inputs, self.sound, lower, upper, pool.splits,
+                       _first_split(pool.splits), self.magnitudes)
+        sound_pool = Pool(pool.splits, pool.alpha, pool.beta, pool.value, pool.term, pool.cand,
+                          lower, upper)
+        interm, self.interm = self.interm, self.sound
+        try:
+            bounds = self._bounds(sound_pool)
+        finally:
+            self.interm = interm
         c, d = self.terms.c[pool.term], self.terms.d[pool.term]
         relus = len(bounds)
         params = [a.double() for a in pool.alpha]
@@ -178,10 +209,14 @@ class Search:
     def run(self) -> Outcome:
         start = time.perf_counter()
         opts = self.options
-        self.root = root_bounds(self.chain, self.inputs, opts.interm_steps, opts.dtype,
-                                self.deadline, self.magnitudes)
+        relaxation = root_relaxation(self.chain, self.inputs, opts.interm_steps, opts.dtype,
+                                     self.deadline, self.magnitudes)
+        self.root = relaxation.bounds
         self.fast_root = [(lo[None], up[None]) for lo, up in outward(self.root, opts.dtype)]
         self.unstable = [(lo < 0) & (up > 0) for lo, up in self.root]
+        self.sound = Interm.of([(lo[None], up[None]) for lo, up in self.root],
+                               relaxation.slopes)
+        self.interm = Interm(self.fast_root, self.sound.index, self.sound.slopes)
         present = torch.nonzero(self.terms.valid.any(dim=1)).flatten()
         count, rows = len(present), self.terms.c.shape[1]
         if not count:
@@ -195,7 +230,8 @@ class Search:
             alpha = alpha + [torch.zeros_like(a) for a in alpha]  # then tau
         start_value = torch.full((count,), -math.inf, dtype=opts.dtype, device=self.device)
         pool = Pool(splits, alpha, beta, start_value, present,
-                    torch.zeros((count, 0), dtype=torch.long, device=self.device))
+                    torch.zeros((count, 0), dtype=torch.long, device=self.device),
+                    *self.interm.start(count))
         pool, least = self._bound_children(pool, opts.root_steps)
         root_margin = float(pool.value.min()) if len(pool) else least
         log.debug("bab root: margin %.4g, %d terms open, %.1f s", root_margin, len(pool),
@@ -238,7 +274,8 @@ class Search:
         proven value among the rest (+inf when none)."""
         value, best, bounds = self._fast_bound(pool, steps)
         value = torch.maximum(value, pool.value)
-        pool = Pool(pool.splits, best.alpha, best.beta, value, pool.term, pool.cand)
+        pool = Pool(pool.splits, best.alpha, best.beta, value, pool.term, pool.cand,
+                    pool.lower, pool.upper)
         done = value > 0
         least = math.inf
         if done.any():
@@ -261,20 +298,25 @@ class Search:
 
     def _candidates(self, pool: Pool, bounds: Bounds, coefs: list[torch.Tensor],
                     rows: torch.Tensor) -> torch.Tensor:
-        """Per domain the flat indices of its best-scored splittable neurons (-1: none)."""
+        """Per domain the flat indices `(B, CANDIDATES + ReLUs)` of its best-scored splittable
+        neurons, then of each ReLU's best neuron unstable on the domain (-1: none)."""
         if not len(pool):
-            return torch.zeros((0, CANDIDATES), dtype=torch.long, device=self.device)
+            return torch.zeros((0, CANDIDATES + len(self.root)), dtype=torch.long,
+                               device=self.device)
         valid = self.terms.valid[pool.term]
         row = torch.where(valid, rows, torch.full_like(rows, -math.inf)).argmax(dim=1)
         batch = torch.arange(len(pool), device=self.device)
         parts = []
         for (lo, up), a, s, root in zip(bounds, coefs, pool.splits, self.unstable, strict=True):
             coef = a[batch, row]  # (B, n)
-            lo, up = lo.expand_as(coef), up.expand_as(coef)  # the root's
+            lo, up = lo.expand_as(coef), up.expand_as(coef)  # the domain's
             open_ = root[None] & (s == 0)
-            width = torch.where(open_, up - lo, torch.ones_like(up))
-            intercept = torch.where(open_, -up * lo / width, torch.zeros_like(up))
+            live = open_ & (lo < 0) & (up > 0)
+            width = torch.where(live, up - lo, torch.ones_like(up))
+            intercept = torch.where(live, -up * lo / width, torch.zeros_like(up))
             score = torch.relu(-coef) * intercept + 1e-4 * coef.abs() * width
+            # stable on the domain but not split: last, so that leaves are exactly split
+            score = torch.where(live, score, torch.full_like(score, STABLE_SCORE))
             parts.append(torch.where(open_, score, torch.full_like(score, -math.inf)))
         scores = torch.cat(parts, dim=1)
         k = min(CANDIDATES, scores.shape[1])
@@ -284,38 +326,62 @@ class Search:
             pad = torch.full((len(pool), CANDIDATES - k), -1, dtype=torch.long,
                              device=self.device)
             index = torch.cat([index, pad], dim=1)
-        return index
+        per_layer, start = [], 0
+        for part in parts:
+            best, at = part.max(dim=1)
+            live = torch.isfinite(best) & (best > STABLE_SCORE)
+            per_layer.append(torch.where(live, at + start, torch.full_like(at, -1)))
+            start += part.shape[1]
+        return torch.cat([index, torch.stack(per_layer, dim=1)], dim=1)
 
     def _choose(self, pool: Pool) -> Pool:
         """Filtered smart branching: of each domain's `options.filtered` best-scored
-        candidates, move to the front the one whose worse child bounds best (one pass, at
-        the parent's parameters, no optimisation)."""
-        k = min(self.options.filtered, pool.cand.shape[1])
-        if k <= 1 or not len(pool):
+        candidates (and, with `refine`, each ReLU's best), move to the front the one whose
+        worse child bounds best (one pass at the parent's parameters, after the children's own
+        pre-activation bounds: what makes an early split pay off)."""
+        opts = self.options
+        columns = list(range(min(opts.filtered, CANDIDATES)))
+        if opts.refine:
+            columns += list(range(CANDIDATES, pool.cand.shape[1]))
+        if len(columns) <= 1 or not len(pool):
             return pool
-        count = len(pool)
+        k, count = len(columns), len(pool)
         trials = [pool.take(torch.arange(count, device=self.device)) for _ in range(2 * k)]
         sizes = [len(lo) for lo, _ in self.root]
         offsets = torch.tensor([0, *sizes], device=self.device).cumsum(0)
-        for j in range(k):
+        for j, col in enumerate(columns):
             for half, sign in enumerate((-1, 1)):
-                _set_split(trials[2 * j + half], pool.cand[:, j].contiguous(), sign, offsets)
+                _set_split(trials[2 * j + half], pool.cand[:, col].contiguous(), sign, offsets)
         every = Pool.cat(trials)
+        # trials of one domain side by side, so that refinement chunks share their rows
+        order = torch.arange(2 * k * count, device=self.device).reshape(2 * k, count).T
+        every = every.take(order.reshape(-1))
+        if opts.refine:
+            flat = pool.cand[:, columns].T.reshape(-1)
+            first = torch.searchsorted(offsets, flat.contiguous(), right=True) - 1
+            first = torch.where(flat >= 0, first, torch.full_like(first, len(sizes)))
+            first = first.reshape(k, 1, count).expand(k, 2, count).reshape(2 * k, count)
+            refine(self.fast_chain, self.fast_inputs, self.interm, every.lower, every.upper,
+                   every.splits, first.T.reshape(-1))
         relus = len(self.root)
         with torch.no_grad():
             rows, _, _ = backward_bound(self.fast_chain,
-                                        self._bounds(self.fast_root, every.splits),
+                                        self._bounds(every),
                                         every.splits, every.alpha[:relus], every.beta,
                                         self.fast_terms.c[every.term],
                                         self.fast_terms.d[every.term], self.fast_inputs,
                                         tau=self._tau(every.alpha[relus:]))
-        value = _term_value(rows, self.terms.valid[every.term]).reshape(k, 2, count)
+        value = _term_value(rows, self.terms.valid[every.term]).reshape(count, k, 2)
+        value = value.permute(1, 2, 0)  # (k, 2, B)
         score = value.min(dim=1).values  # (k, B)
-        score = torch.where(pool.cand[:, :k].T >= 0, score, torch.full_like(score, -math.inf))
-        pick = score.argmax(dim=0)
+        chosen = pool.cand[:, columns].T  # (k, B)
+        score = torch.where(chosen >= 0, score, torch.full_like(score, -math.inf))
+        pick = chosen.gather(0, score.argmax(dim=0)[None])[0]
         cand = pool.cand.clone()
-        rows_ = torch.arange(count, device=self.device)
-        cand[rows_, 0], cand[rows_, pick] = pool.cand[rows_, pick], pool.cand[rows_, 0]
+        head, old = cand[:, :CANDIDATES], pool.cand[:, 0]
+        there = head == pick[:, None]  # where the pick already is: the old first goes there
+        head[there] = old.repeat_interleave(there.sum(dim=1))
+        head[:, 0] = pick
         pool.cand = cand
         return pool
 
@@ -325,7 +391,8 @@ class Search:
         opts = self.options
         pool = self._choose(pool)
         depth = max(1, int(math.log2(max(opts.batch, 2) / len(pool))))
-        depth = min(depth, opts.max_depth, int((pool.cand >= 0).sum(dim=1).min()))
+        depth = min(depth, opts.max_depth,
+                    int((pool.cand[:, :CANDIDATES] >= 0).sum(dim=1).min()))
         sizes = [len(lo) for lo, _ in self.root]
         offsets = torch.tensor([0, *sizes], device=self.device).cumsum(0)
         for i in range(depth):
@@ -334,6 +401,10 @@ class Search:
             _set_split(low, pool.cand[:, i].contiguous(), -1, offsets)
             _set_split(high, pool.cand[:, i].contiguous(), 1, offsets)
             pool = Pool.cat([low, high])
+        if opts.refine:
+            new = torch.searchsorted(offsets, pool.cand[:, :depth].contiguous(), right=True) - 1
+            refine(self.fast_chain, self.fast_inputs, self.interm, pool.lower, pool.upper,
+                   pool.splits, new.min(dim=1).values, self.fast_magnitudes, self.fast_unit)
         return pool
 
     def _leaf_value(self, pool: Pool) -> float:
@@ -363,6 +434,14 @@ def _set_split(pool: Pool, flat: torch.Tensor, sign: int, offsets: torch.Tensor)
             if len(pool.alpha) > relus:  # blended relaxations: tau per ReLU
                 pool.alpha[relus + k] = pool.alpha[relus + k].clone()
                 pool.alpha[relus + k][mine, :, at] = 1.0
+
+
+def _first_split(splits: list[torch.Tensor]) -> int:
+    """The shallowest ReLU with a split on any domain (the number of ReLUs when none)."""
+    for k, s in enumerate(splits):
+        if bool((s != 0).any()):
+            return k
+    return len(splits)
 
 
 def _term_value(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
