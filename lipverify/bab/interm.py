@@ -19,6 +19,7 @@ import torch
 
 from lipverify.bab.relaxed import InputSet, backward_bound, rounding_factor, split_bounds
 from lipverify.bounds.chain import Chain
+from lipverify.types import deadline_passed
 
 Bounds = list[tuple[torch.Tensor, torch.Tensor]]
 CHUNK = 128  # sub-domains per backward pass (memory: CHUNK x 2U x n floats per layer)
@@ -64,14 +65,14 @@ class Interm:
 def refine(chain: Chain, inputs: InputSet, interm: Interm, lower: list[torch.Tensor],
            upper: list[torch.Tensor], splits: list[torch.Tensor],
            first: torch.Tensor | int = 0, magnitudes: Chain | None = None,
-           unit: float = 2.0**-53) -> None:
+           unit: float = 2.0**-53, deadline: float | None = None) -> None:
     """Tighten `lower`/`upper` (in place) on each sub-domain of the ReLUs after its `first`
     (per domain, or one for all): the shallowest ReLU whose splits are new since its bounds
     were last refined. Each neuron still unstable on the domain is bounded by the rows `+-e_j`
     over the earlier ReLUs' clamped bounds, at the root's slopes (CROWN's when `interm` has
     none). With `magnitudes`
     (`abs_chain(chain)`) every new bound is lowered by its rounding allowance at unit
-    roundoff `unit`."""
+    roundoff `unit`. Past `deadline` the rest keep the bounds they have (sound, looser)."""
     factor = rounding_factor(chain, unit) if magnitudes is not None else 0.0
     count = len(splits[0]) if splits else 0
     if not count:
@@ -85,6 +86,8 @@ def refine(chain: Chain, inputs: InputSet, interm: Interm, lower: list[torch.Ten
         live = (lower[k] < 0) & (upper[k] > 0) & (splits[k][:, interm.index[k]] == 0)
         todo = torch.nonzero((first < k) & live.any(dim=1)).flatten()
         for at in range(0, len(todo), CHUNK):
+            if deadline_passed(deadline):
+                return
             part = todo[at:at + CHUNK]
             cols = torch.nonzero(live[part].any(dim=0)).flatten()  # rows any domain here needs
             value = _rows(chain, inputs, interm, lower, upper, splits, k, part, cols,

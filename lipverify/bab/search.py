@@ -36,6 +36,7 @@ from lipverify.bab.relaxed import (
 )
 from lipverify.bab.root import Bounds, root_relaxation
 from lipverify.bounds.chain import Chain
+from lipverify.network.layers import Conv
 from lipverify.types import Status, deadline_passed
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,9 @@ class SearchOptions:
     blended with the exact line by `tau` (never looser than the parent), instead of clamping
     their bounds at 0 as beta-CROWN does. Clamping is the default: on five hard mnist_fc
     instances at 60 s it bounded 5-60 % more sub-domains, and on one it left 4 times fewer
-    open."""
+    open. `refine`: each sub-domain's own pre-activation bounds (None: on chains without
+    convolutions); `layer_trials`: how many of a batch's worst domains also try each ReLU's
+    best neuron; `trust_fast`: the float32 bounds' own allowance is proof (None: on the CPU)."""
 
     batch: int = 1024
     root_steps: Steps = Steps(iterations=60, target=0.0)
@@ -61,7 +64,8 @@ class SearchOptions:
     max_depth: int = 8
     filtered: int = 3
     blend: bool = False
-    refine: bool = True
+    refine: bool | None = None
+    layer_trials: int = 64
     trust_fast: bool | None = None
     dtype: torch.dtype = torch.float32
 
@@ -149,6 +153,12 @@ class Search:
         # componentwise rounding model: there the proof recomputes every bound in float64.
         self.trust_fast = device.type == "cpu" if options.trust_fast is None \
             else options.trust_fast
+        # Own bounds per sub-domain pay on dense chains (mnist_fc 256x4 prop_3_0.05: 29 s
+        # instead of a timeout at 300 s); on oval21's convnets, thousands of unstable
+        # neurons make them cost more than they save (cifar_base img8194: 16 s without,
+        # timeout at 60 s with), so by default they are for chains without convolutions.
+        self.refine = options.refine if options.refine is not None else not any(
+            isinstance(layer, Conv) for block in chain.blocks for layer in block.layers)
         self.visited = 0
 
     # -- bounds -------------------------------------------------------------------------
@@ -184,9 +194,9 @@ class Search:
             lower, upper = [lo.double() for lo in pool.lower], [up.double() for up in pool.upper]
         else:
             lower, upper = self.sound.start(len(pool))
-            if self.options.refine:
+            if self.refine:
                 refine(self.chain, self.inputs, self.sound, lower, upper, pool.splits,
-                       _first_split(pool.splits), self.magnitudes)
+                       _first_split(pool.splits), self.magnitudes, deadline=self.deadline)
         sound_pool = Pool(pool.splits, pool.alpha, pool.beta, pool.value, pool.term, pool.cand,
                           lower, upper)
         interm, self.interm = self.interm, self.sound
@@ -336,13 +346,24 @@ class Search:
 
     def _choose(self, pool: Pool) -> Pool:
         """Filtered smart branching: of each domain's `options.filtered` best-scored
-        candidates (and, with `refine`, each ReLU's best), move to the front the one whose
-        worse child bounds best (one pass at the parent's parameters, after the children's own
-        pre-activation bounds: what makes an early split pay off)."""
+        candidates (and, with `refine`, for the `options.layer_trials` worst domains each
+        ReLU's best too), move to the front the one whose worse child bounds best (one pass
+        at the parent's parameters, after the children's own pre-activation bounds: what
+        makes an early split pay off)."""
         opts = self.options
         columns = list(range(min(opts.filtered, CANDIDATES)))
-        if opts.refine:
-            columns += list(range(CANDIDATES, pool.cand.shape[1]))
+        if not self.refine or not opts.layer_trials:
+            return self._choose_among(pool, columns)
+        worst = torch.argsort(pool.value)
+        head = self._choose_among(pool.take(worst[:opts.layer_trials]),
+                                  columns + list(range(CANDIDATES, pool.cand.shape[1])))
+        if len(pool) <= opts.layer_trials:
+            return head
+        return Pool.cat([head, self._choose_among(pool.take(worst[opts.layer_trials:]),
+                                                  columns)])
+
+    def _choose_among(self, pool: Pool, columns: list[int]) -> Pool:
+        """`_choose` over the candidates in `columns` of `pool.cand`."""
         if len(columns) <= 1 or not len(pool):
             return pool
         k, count = len(columns), len(pool)
@@ -356,13 +377,13 @@ class Search:
         # trials of one domain side by side, so that refinement chunks share their rows
         order = torch.arange(2 * k * count, device=self.device).reshape(2 * k, count).T
         every = every.take(order.reshape(-1))
-        if opts.refine:
+        if self.refine:
             flat = pool.cand[:, columns].T.reshape(-1)
             first = torch.searchsorted(offsets, flat.contiguous(), right=True) - 1
             first = torch.where(flat >= 0, first, torch.full_like(first, len(sizes)))
             first = first.reshape(k, 1, count).expand(k, 2, count).reshape(2 * k, count)
             refine(self.fast_chain, self.fast_inputs, self.interm, every.lower, every.upper,
-                   every.splits, first.T.reshape(-1))
+                   every.splits, first.T.reshape(-1), deadline=self.deadline)
         relus = len(self.root)
         with torch.no_grad():
             rows, _, _ = backward_bound(self.fast_chain,
@@ -401,10 +422,11 @@ class Search:
             _set_split(low, pool.cand[:, i].contiguous(), -1, offsets)
             _set_split(high, pool.cand[:, i].contiguous(), 1, offsets)
             pool = Pool.cat([low, high])
-        if opts.refine:
+        if self.refine:
             new = torch.searchsorted(offsets, pool.cand[:, :depth].contiguous(), right=True) - 1
             refine(self.fast_chain, self.fast_inputs, self.interm, pool.lower, pool.upper,
-                   pool.splits, new.min(dim=1).values, self.fast_magnitudes, self.fast_unit)
+                   pool.splits, new.min(dim=1).values, self.fast_magnitudes, self.fast_unit,
+                   self.deadline)
         return pool
 
     def _leaf_value(self, pool: Pool) -> float:

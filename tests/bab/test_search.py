@@ -22,8 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
 from test_bab import _mlp, _robust_by_milp  # noqa: E402
 
 
-@pytest.mark.parametrize("blend", [False, True])
-def test_verified_exactly_when_the_milp_says_robust(blend):
+@pytest.mark.parametrize(("blend", "refine", "trust_fast"),
+                         [(False, True, True), (False, True, False), (False, False, None),
+                          (True, True, None)])
+def test_verified_exactly_when_the_milp_says_robust(blend, refine, trust_fast):
+    """Clamped or blended splits, with or without each domain's own bounds, proven by their
+    float32 allowance or recomputed in float64: every answer is the MILP's."""
     module, stages = _mlp(5)
     net = load_network(module, (4,))
     x = np.random.default_rng(5).uniform(-1, 1, (8, 4)).astype(np.float32)
@@ -38,7 +42,8 @@ def test_verified_exactly_when_the_milp_says_robust(blend):
             region, spec = facts.region.subset(np.array([i])), facts.spec.subset(np.array([i]))
             search = Search(chain, input_set(region, torch.device("cpu")),
                             terms_of(spec, torch.device("cpu")), 0.0,
-                            SearchOptions(batch=8, blend=blend))
+                            SearchOptions(batch=8, blend=blend, refine=refine,
+                                          trust_fast=trust_fast))
             out = search.run()
             got.append(out.status == Status.VERIFIED)
             domains.append(out.domains)
