@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from lipverify.bab.relaxed import InputSet
-from lipverify.bab.search import Terms
+from lipverify.bab.pool import Terms
 from lipverify.backends._leaf_lp import LeafRegion, relu_layers
 from lipverify.backends._margin_search import Region, Spec
 from lipverify.bounds.chain import Chain, build_chain

@@ -24,6 +24,7 @@ import torch
 
 from lipverify.bab.interm import Interm, refine
 from lipverify.bab.optimise import Steps, optimise
+from lipverify.bab.pool import Pool, Terms, first_split, set_split, term_value
 from lipverify.bab.relaxed import (
     InputSet,
     abs_chain,
@@ -82,53 +83,6 @@ class Outcome:
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
-class Terms:
-    """The property's terms as rows: `c` `(T, R, m)`, `d` `(T, R)`, `valid` `(T, R)` (padding
-    rows are False). A term with no valid row is absent (already refuted)."""
-
-    c: torch.Tensor
-    d: torch.Tensor
-    valid: torch.Tensor
-
-
-@dataclass(eq=False)
-class Pool:
-    """Open sub-domains: split signs, slopes (`alpha`: the lower ones, then with `blend` per
-    ReLU the split neurons' upper-line weights `tau`), multipliers, bound, term, branching
-    candidates, and the root-unstable neurons' bounds on the domain (`Interm`, float32
-    guides)."""
-
-    splits: list[torch.Tensor]
-    alpha: list[torch.Tensor]
-    beta: list[torch.Tensor]
-    value: torch.Tensor
-    term: torch.Tensor
-    cand: torch.Tensor
-    lower: list[torch.Tensor]
-    upper: list[torch.Tensor]
-
-    def __len__(self) -> int:
-        return len(self.value)
-
-    def take(self, index: torch.Tensor) -> Pool:
-        def pick(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [t[index] for t in tensors]
-
-        return Pool(pick(self.splits), pick(self.alpha), pick(self.beta), self.value[index],
-                    self.term[index], self.cand[index], pick(self.lower), pick(self.upper))
-
-    @staticmethod
-    def cat(parts: list[Pool]) -> Pool:
-        def join(name: str) -> list[torch.Tensor]:
-            lists = [getattr(p, name) for p in parts]
-            return [torch.cat([t[k] for t in lists]) for k in range(len(lists[0]))]
-
-        return Pool(join("splits"), join("alpha"), join("beta"),
-                    torch.cat([p.value for p in parts]), torch.cat([p.term for p in parts]),
-                    torch.cat([p.cand for p in parts]), join("lower"), join("upper"))
-
-
 Leaf = Callable[[list[torch.Tensor], int], float]
 
 
@@ -183,9 +137,9 @@ class Search:
                                   d, self.fast_inputs, tau=self._tau(alpha[relus:]))
 
         best = optimise(bound, pool.alpha, pool.beta, steps,
-                        stop=lambda v: bool((_term_value(v, valid) > 0).all()))
+                        stop=lambda v: bool((term_value(v, valid) > 0).all()))
         self.visited += len(pool)
-        return _term_value(best.value, valid), best, bounds
+        return term_value(best.value, valid), best, bounds
 
     def _proven(self, pool: Pool) -> torch.Tensor:
         """Float64 values of the pool's domains at their parameters, less rounding and slack:
@@ -196,7 +150,7 @@ class Search:
             lower, upper = self.sound.start(len(pool))
             if self.refine:
                 refine(self.chain, self.inputs, self.sound, lower, upper, pool.splits,
-                       _first_split(pool.splits), self.magnitudes, deadline=self.deadline)
+                       first_split(pool.splits), self.magnitudes, deadline=self.deadline)
         sound_pool = Pool(pool.splits, pool.alpha, pool.beta, pool.value, pool.term, pool.cand,
                           lower, upper)
         interm, self.interm = self.interm, self.sound
@@ -213,7 +167,7 @@ class Search:
                                             magnitudes=self.magnitudes,
                                             tau=self._tau(params[relus:]))
         rows = value - rounding_factor(self.chain) * size
-        return _term_value(rows, self.terms.valid[pool.term]) - self.slack
+        return term_value(rows, self.terms.valid[pool.term]) - self.slack
 
     # -- the search ---------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -372,7 +326,7 @@ class Search:
         offsets = torch.tensor([0, *sizes], device=self.device).cumsum(0)
         for j, col in enumerate(columns):
             for half, sign in enumerate((-1, 1)):
-                _set_split(trials[2 * j + half], pool.cand[:, col].contiguous(), sign, offsets)
+                set_split(trials[2 * j + half], pool.cand[:, col].contiguous(), sign, offsets)
         every = Pool.cat(trials)
         # trials of one domain side by side, so that refinement chunks share their rows
         order = torch.arange(2 * k * count, device=self.device).reshape(2 * k, count).T
@@ -392,7 +346,7 @@ class Search:
                                         self.fast_terms.c[every.term],
                                         self.fast_terms.d[every.term], self.fast_inputs,
                                         tau=self._tau(every.alpha[relus:]))
-        value = _term_value(rows, self.terms.valid[every.term]).reshape(count, k, 2)
+        value = term_value(rows, self.terms.valid[every.term]).reshape(count, k, 2)
         value = value.permute(1, 2, 0)  # (k, 2, B)
         score = value.min(dim=1).values  # (k, B)
         chosen = pool.cand[:, columns].T  # (k, B)
@@ -419,8 +373,8 @@ class Search:
         for i in range(depth):
             every = torch.arange(len(pool), device=self.device)
             low, high = pool.take(every), pool.take(every)
-            _set_split(low, pool.cand[:, i].contiguous(), -1, offsets)
-            _set_split(high, pool.cand[:, i].contiguous(), 1, offsets)
+            set_split(low, pool.cand[:, i].contiguous(), -1, offsets)
+            set_split(high, pool.cand[:, i].contiguous(), 1, offsets)
             pool = Pool.cat([low, high])
         if self.refine:
             new = torch.searchsorted(offsets, pool.cand[:, :depth].contiguous(), right=True) - 1
@@ -434,38 +388,3 @@ class Search:
         if self.leaf is None:
             return math.nan
         return self.leaf([s[0] for s in pool.splits], int(pool.term[0])) - self.slack
-
-
-def _set_split(pool: Pool, flat: torch.Tensor, sign: int, offsets: torch.Tensor) -> None:
-    """Split every domain of `pool` at flat neuron `flat[b]` with `sign` (in place).
-
-    The new split neuron starts exact on its side (lower slope 1 if active, 0 if inactive;
-    upper-line weight `tau` 1): the clamped relaxation beta-CROWN starts from. Its multiplier
-    starts at 0.
-    """
-    layer = torch.searchsorted(offsets, flat, right=True) - 1
-    relus = len(pool.splits)
-    for k in range(relus):
-        mine = torch.nonzero(layer == k).flatten()
-        if len(mine):
-            at = flat[mine] - offsets[k]
-            pool.splits[k] = pool.splits[k].clone()
-            pool.splits[k][mine, at] = sign
-            pool.alpha[k] = pool.alpha[k].clone()
-            pool.alpha[k][mine, :, at] = 1.0 if sign > 0 else 0.0
-            if len(pool.alpha) > relus:  # blended relaxations: tau per ReLU
-                pool.alpha[relus + k] = pool.alpha[relus + k].clone()
-                pool.alpha[relus + k][mine, :, at] = 1.0
-
-
-def _first_split(splits: list[torch.Tensor]) -> int:
-    """The shallowest ReLU with a split on any domain (the number of ReLUs when none)."""
-    for k, s in enumerate(splits):
-        if bool((s != 0).any()):
-            return k
-    return len(splits)
-
-
-def _term_value(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per domain the max over its term's valid rows (`(B, R)` -> `(B,)`)."""
-    return torch.where(valid, rows, torch.full_like(rows, -math.inf)).max(dim=1).values

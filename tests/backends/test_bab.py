@@ -114,7 +114,7 @@ def test_beta_multipliers_shrink_the_search(seed):
     runs = {}
     with one_torch_thread():
         for lr in (0.0, 0.05):
-            runs[lr] = BabBackend(BabOptions(time_per_input=20.0, beta_lr=lr, domains_per_batch=2)
+            runs[lr] = BabBackend(BabOptions(time_per_input=20.0, beta_lr=lr, domains_per_batch=8)
                                   ).certify(net, problem)
     assert [c.status for c in runs[0.0]] == [c.status for c in runs[0.05]]
     domains = {b: sum(c.details.get("domains", 0) for c in certs) for b, certs in runs.items()}
