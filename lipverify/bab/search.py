@@ -55,7 +55,8 @@ class SearchOptions:
     instances at 60 s it bounded 5-60 % more sub-domains, and on one it left 4 times fewer
     open. `refine`: each sub-domain's own pre-activation bounds (None: on chains without
     convolutions); `layer_trials`: how many of a batch's worst domains also try each ReLU's
-    best neuron; `trust_fast`: the float32 bounds' own allowance is proof (None: on the CPU)."""
+    best neuron; `trust_fast`: the float32 bounds' own allowance is proof (None: dense chains
+    on the CPU)."""
 
     batch: int = 1024
     root_steps: Steps = Steps(iterations=60, target=0.0)
@@ -103,16 +104,18 @@ class Search:
         self.magnitudes = abs_chain(chain)
         self.fast_magnitudes = abs_chain(self.fast_chain)
         self.fast_unit = torch.finfo(options.dtype).eps / 2
-        # On a GPU, float32 matmuls and convolutions may run in TF32 or by FFT, outside the
-        # componentwise rounding model: there the proof recomputes every bound in float64.
-        self.trust_fast = device.type == "cpu" if options.trust_fast is None \
-            else options.trust_fast
+        convolutions = any(isinstance(layer, Conv) for block in chain.blocks
+                           for layer in block.layers)
+        # The float32 bounds' own allowance is proof only for dense layers on the CPU (BLAS
+        # rounds componentwise). A GPU may run float32 as TF32, and a float32 convolution
+        # may take Winograd or FFT: there the proof recomputes every bound in float64.
+        self.trust_fast = (device.type == "cpu" and not convolutions) \
+            if options.trust_fast is None else options.trust_fast
         # Own bounds per sub-domain pay on dense chains (mnist_fc 256x4 prop_3_0.05: 29 s
         # instead of a timeout at 300 s); on oval21's convnets, thousands of unstable
         # neurons make them cost more than they save (cifar_base img8194: 16 s without,
         # timeout at 60 s with), so by default they are for chains without convolutions.
-        self.refine = options.refine if options.refine is not None else not any(
-            isinstance(layer, Conv) for block in chain.blocks for layer in block.layers)
+        self.refine = not convolutions if options.refine is None else options.refine
         self.visited = 0
 
     # -- bounds -------------------------------------------------------------------------
