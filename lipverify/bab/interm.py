@@ -8,7 +8,7 @@ bounds of their own (`Interm.index`); the rest keep the root's, which are alread
 
 Bounds recomputed with `magnitudes` are lowered by their proven rounding allowance at the
 arithmetic's unit roundoff `unit`, and are sound wherever that arithmetic has IEEE rounding with
-componentwise error bounds (the CPU: BLAS and direct convolutions); without, they are a guide.
+componentwise error bounds (float64; float32 dense layers on the CPU); without, a guide.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ class Interm:
 
     root: Bounds
     index: list[torch.Tensor]
-    slopes: list[list[torch.Tensor]] | None = None
+    slopes: list[list[torch.Tensor]]
 
     @classmethod
-    def of(cls, root: Bounds, slopes: list[list[torch.Tensor]] | None = None) -> Interm:
+    def of(cls, root: Bounds, slopes: list[list[torch.Tensor]]) -> Interm:
+        """From the root's bounds and its slopes for every row (`Root.slopes`)."""
         index = [torch.nonzero((lo[0] < 0) & (up[0] > 0)).flatten() for lo, up in root]
-        if slopes is not None:
-            slopes = [[a[torch.cat([i, i + len(lo[0])])] for a in layer]
-                      for layer, i, (lo, _) in zip(slopes, index, root, strict=True)]
-        return cls(root, index, slopes)
+        kept = [[a[torch.cat([i, i + len(lo[0])])] for a in layer]
+                for layer, i, (lo, _) in zip(slopes, index, root, strict=True)]
+        return cls(root, index, kept)
 
     def start(self, count: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The root's bounds of the unstable neurons, `(count, U_k)` per ReLU."""
@@ -69,8 +69,7 @@ def refine(chain: Chain, inputs: InputSet, interm: Interm, lower: list[torch.Ten
     """Tighten `lower`/`upper` (in place) on each sub-domain of the ReLUs after its `first`
     (per domain, or one for all): the shallowest ReLU whose splits are new since its bounds
     were last refined. Each neuron still unstable on the domain is bounded by the rows `+-e_j`
-    over the earlier ReLUs' clamped bounds, at the root's slopes (CROWN's when `interm` has
-    none). With `magnitudes`
+    over the earlier ReLUs' clamped bounds, at the root's slopes. With `magnitudes`
     (`abs_chain(chain)`) every new bound is lowered by its rounding allowance at unit
     roundoff `unit`. Past `deadline` the rest keep the bounds they have (sound, looser)."""
     factor = rounding_factor(chain, unit) if magnitudes is not None else 0.0
@@ -108,12 +107,8 @@ def _rows(chain: Chain, inputs: InputSet, interm: Interm, lower: list[torch.Tens
     earlier = split_bounds(
         interm.full([lo[part] for lo in lower[:k]], [up[part] for up in upper[:k]], k),
         [s[part] for s in splits[:k]])
-    if interm.slopes is not None:
-        both = torch.cat([cols, cols + len(interm.index[k])])
-        alpha = [a[both].to(dtype)[None].expand(size, -1, -1) for a in interm.slopes[k]]
-    else:
-        alpha = [(up > -lo).to(dtype)[:, None, :].expand(-1, 2 * len(cols), -1)
-                 for lo, up in earlier]
+    both = torch.cat([cols, cols + len(interm.index[k])])
+    alpha = [a[both].to(dtype)[None].expand(size, -1, -1) for a in interm.slopes[k]]
     with torch.no_grad():
         value, _, mag = backward_bound(chain, earlier, None, alpha, None, rows,
                                        torch.zeros(size, 2 * len(cols), dtype=dtype,

@@ -63,7 +63,7 @@ def set_split(pool: Pool, flat: torch.Tensor, sign: int, offsets: torch.Tensor) 
     upper-line weight `tau` 1): the clamped relaxation beta-CROWN starts from. Its multiplier
     starts at 0.
     """
-    layer = torch.searchsorted(offsets, flat, right=True) - 1
+    layer = layer_of(flat, offsets)
     relus = len(pool.splits)
     for k in range(relus):
         mine = torch.nonzero(layer == k).flatten()
@@ -76,6 +76,11 @@ def set_split(pool: Pool, flat: torch.Tensor, sign: int, offsets: torch.Tensor) 
             if len(pool.alpha) > relus:  # blended relaxations: tau per ReLU
                 pool.alpha[relus + k] = pool.alpha[relus + k].clone()
                 pool.alpha[relus + k][mine, :, at] = 1.0
+
+
+def layer_of(flat: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The ReLU of each flat neuron index (`offsets`: cumulative layer sizes from 0)."""
+    return torch.searchsorted(offsets, flat.contiguous(), right=True) - 1
 
 
 def first_split(splits: list[torch.Tensor]) -> int:

@@ -24,7 +24,7 @@ import torch
 
 from lipverify.bab.interm import Interm, refine
 from lipverify.bab.optimise import Steps, optimise
-from lipverify.bab.pool import Pool, Terms, first_split, set_split, term_value
+from lipverify.bab.pool import Pool, Terms, first_split, layer_of, set_split, term_value
 from lipverify.bab.relaxed import (
     InputSet,
     abs_chain,
@@ -119,10 +119,11 @@ class Search:
         self.visited = 0
 
     # -- bounds -------------------------------------------------------------------------
-    def _bounds(self, pool: Pool) -> Bounds:
+    def _bounds(self, pool: Pool, interm: Interm | None = None) -> Bounds:
         """The pre-activation bounds the relaxation uses on each domain: its own, as they are
-        (blended split relaxations) or clamped at 0 by the splits (beta-CROWN's)."""
-        full = self.interm.full(pool.lower, pool.upper)
+        (blended split relaxations) or clamped at 0 by the splits (beta-CROWN's). `interm`
+        gives the other neurons' (default: the float32 search's)."""
+        full = (interm or self.interm).full(pool.lower, pool.upper)
         return full if self.options.blend else split_bounds(full, pool.splits)
 
     def _tau(self, tau: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -156,11 +157,7 @@ class Search:
                        first_split(pool.splits), self.magnitudes, deadline=self.deadline)
         sound_pool = Pool(pool.splits, pool.alpha, pool.beta, pool.value, pool.term, pool.cand,
                           lower, upper)
-        interm, self.interm = self.interm, self.sound
-        try:
-            bounds = self._bounds(sound_pool)
-        finally:
-            self.interm = interm
+        bounds = self._bounds(sound_pool, self.sound)
         c, d = self.terms.c[pool.term], self.terms.d[pool.term]
         relus = len(bounds)
         params = [a.double() for a in pool.alpha]
@@ -184,6 +181,8 @@ class Search:
         self.sound = Interm.of([(lo[None], up[None]) for lo, up in self.root],
                                relaxation.slopes)
         self.interm = Interm(self.fast_root, self.sound.index, self.sound.slopes)
+        self.offsets = torch.tensor([0, *(len(lo) for lo, _ in self.root)],
+                                    device=self.device).cumsum(0)
         present = torch.nonzero(self.terms.valid.any(dim=1)).flatten()
         count, rows = len(present), self.terms.c.shape[1]
         if not count:
@@ -325,19 +324,18 @@ class Search:
             return pool
         k, count = len(columns), len(pool)
         trials = [pool.take(torch.arange(count, device=self.device)) for _ in range(2 * k)]
-        sizes = [len(lo) for lo, _ in self.root]
-        offsets = torch.tensor([0, *sizes], device=self.device).cumsum(0)
         for j, col in enumerate(columns):
             for half, sign in enumerate((-1, 1)):
-                set_split(trials[2 * j + half], pool.cand[:, col].contiguous(), sign, offsets)
+                set_split(trials[2 * j + half], pool.cand[:, col].contiguous(), sign,
+                          self.offsets)
         every = Pool.cat(trials)
         # trials of one domain side by side, so that refinement chunks share their rows
         order = torch.arange(2 * k * count, device=self.device).reshape(2 * k, count).T
         every = every.take(order.reshape(-1))
         if self.refine:
             flat = pool.cand[:, columns].T.reshape(-1)
-            first = torch.searchsorted(offsets, flat.contiguous(), right=True) - 1
-            first = torch.where(flat >= 0, first, torch.full_like(first, len(sizes)))
+            first = torch.where(flat >= 0, layer_of(flat, self.offsets),
+                                torch.full_like(flat, len(self.root)))
             first = first.reshape(k, 1, count).expand(k, 2, count).reshape(2 * k, count)
             refine(self.fast_chain, self.fast_inputs, self.interm, every.lower, every.upper,
                    every.splits, first.T.reshape(-1), deadline=self.deadline)
@@ -371,16 +369,14 @@ class Search:
         depth = max(1, int(math.log2(max(opts.batch, 2) / len(pool))))
         depth = min(depth, opts.max_depth,
                     int((pool.cand[:, :CANDIDATES] >= 0).sum(dim=1).min()))
-        sizes = [len(lo) for lo, _ in self.root]
-        offsets = torch.tensor([0, *sizes], device=self.device).cumsum(0)
         for i in range(depth):
             every = torch.arange(len(pool), device=self.device)
             low, high = pool.take(every), pool.take(every)
-            set_split(low, pool.cand[:, i].contiguous(), -1, offsets)
-            set_split(high, pool.cand[:, i].contiguous(), 1, offsets)
+            set_split(low, pool.cand[:, i].contiguous(), -1, self.offsets)
+            set_split(high, pool.cand[:, i].contiguous(), 1, self.offsets)
             pool = Pool.cat([low, high])
         if self.refine:
-            new = torch.searchsorted(offsets, pool.cand[:, :depth].contiguous(), right=True) - 1
+            new = layer_of(pool.cand[:, :depth], self.offsets)
             refine(self.fast_chain, self.fast_inputs, self.interm, pool.lower, pool.upper,
                    pool.splits, new.min(dim=1).values, self.fast_magnitudes, self.fast_unit,
                    self.deadline)
