@@ -48,14 +48,16 @@ def root_bounds(chain: Chain, inputs: InputSet, steps: Steps, dtype: torch.dtype
 
 def root_relaxation(chain: Chain, inputs: InputSet, steps: Steps,
                     dtype: torch.dtype = torch.float32, deadline: float | None = None,
-                    magnitudes: Chain | None = None) -> Root:
-    """`root_bounds` with the slopes behind them (for sub-domains' own bounds)."""
+                    magnitudes: Chain | None = None, given: Root | None = None) -> Root:
+    """`root_bounds` with the slopes behind them (for sub-domains' own bounds). `given`: sound
+    bounds (and slopes) of the first ReLUs, kept as they are; the later ones are computed
+    over them."""
     fast_chain = cast_chain(chain, dtype, inputs.centre.device)
     magnitudes = abs_chain(chain) if magnitudes is None else magnitudes
     fast_inputs = inputs.to(dtype, inputs.centre.device)
-    bounds: Bounds = []
-    slopes: list[list[torch.Tensor]] = []
-    for k in range(chain.num_relus):
+    bounds: Bounds = list(given.bounds) if given is not None else []
+    slopes: list[list[torch.Tensor]] = list(given.slopes) if given is not None else []
+    for k in range(len(bounds), chain.num_relus):
         n = chain.blocks[k].out_size
         eye = torch.eye(n, dtype=torch.float64, device=inputs.centre.device)
         c = torch.cat([eye, -eye])[None].reshape(1, 2 * n, *chain.blocks[k].out_shape)

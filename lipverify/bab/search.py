@@ -35,7 +35,7 @@ from lipverify.bab.relaxed import (
     rounding_factor,
     split_bounds,
 )
-from lipverify.bab.root import Bounds, root_relaxation
+from lipverify.bab.root import Bounds, Root, root_relaxation
 from lipverify.bounds.chain import Chain
 from lipverify.network.layers import Conv
 from lipverify.types import Status, deadline_passed
@@ -75,26 +75,35 @@ class SearchOptions:
 @dataclass(frozen=True)
 class Outcome:
     """How a search ended: VERIFIED, UNKNOWN or TIMEOUT, the smallest proven lower bound of the
-    property (the root's bound when not verified), sub-domains bounded, and why not."""
+    property (the root's bound when not verified), sub-domains bounded, why not, and the terms
+    not refuted (each term absent from `open_terms` is refuted on the whole region)."""
 
     status: Status
     margin: float
     domains: int
     reason: str = ""
     seconds: float = 0.0
+    open_terms: tuple[int, ...] = ()
 
 
 Leaf = Callable[[list[torch.Tensor], int], float]
 
 
 class Search:
-    """One input's branch and bound (`run`), on a float64 chain and its fast copy."""
+    """One input's branch and bound (`run`), on a float64 chain and its fast copy.
+
+    `root`: sound pre-activation bounds to start from (default: `root_relaxation`'s).
+    `partial`: refute as many terms as possible: a term whose fully split sub-domain is not
+    proven is given up (it stays in `Outcome.open_terms`) instead of ending the search, and
+    the domains closest to proven are split first."""
 
     def __init__(self, chain: Chain, inputs: InputSet, terms: Terms, slack: float,
                  options: SearchOptions, leaf: Leaf | None = None,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, root: Root | None = None,
+                 partial: bool = False) -> None:
         self.chain, self.inputs, self.terms, self.slack = chain, inputs, terms, slack
         self.options, self.leaf, self.deadline = options, leaf, deadline
+        self.given, self.partial = root, partial
         device = inputs.centre.device
         self.device = device
         self.fast_chain = cast_chain(chain, options.dtype, device)
@@ -173,8 +182,8 @@ class Search:
     def run(self) -> Outcome:
         start = time.perf_counter()
         opts = self.options
-        relaxation = root_relaxation(self.chain, self.inputs, opts.interm_steps, opts.dtype,
-                                     self.deadline, self.magnitudes)
+        relaxation = self.given or root_relaxation(self.chain, self.inputs, opts.interm_steps,
+                                                   opts.dtype, self.deadline, self.magnitudes)
         self.root = relaxation.bounds
         self.fast_root = [(lo[None], up[None]) for lo, up in outward(self.root, opts.dtype)]
         self.unstable = [(lo < 0) & (up > 0) for lo, up in self.root]
@@ -202,19 +211,30 @@ class Search:
         root_margin = float(pool.value.min()) if len(pool) else least
         log.debug("bab root: margin %.4g, %d terms open, %.1f s", root_margin, len(pool),
                   time.perf_counter() - start)
+        self.failed: set[int] = set()
+        self.pool = pool
         while len(pool):
+            if self.failed:
+                dropped = torch.tensor(sorted(self.failed), device=self.device)
+                pool = pool.take(torch.nonzero(~torch.isin(pool.term, dropped)).flatten())
+                self.pool = pool
+                if not len(pool):
+                    break
             if deadline_passed(self.deadline):
                 return self._end(Status.TIMEOUT, root_margin, "out of time", start)
             if len(pool) > opts.max_domains:
                 return self._end(Status.UNKNOWN, root_margin,
                                  f"more than {opts.max_domains} open sub-domains", start)
-            order = torch.argsort(pool.value)
+            order = torch.argsort(pool.value, descending=self.partial)
             half = max(1, opts.batch // 2)
             picked, rest = pool.take(order[:half]), pool.take(order[half:])
             leaves = (picked.cand[:, 0] < 0) if picked.cand.shape[1] else \
                 torch.ones(len(picked), dtype=torch.bool, device=self.device)
             for b in torch.nonzero(leaves).flatten().tolist():
                 value = self._leaf_value(picked.take(torch.tensor([b], device=self.device)))
+                if not value > 0 and self.partial:
+                    self.failed.add(int(picked.term[b]))
+                    continue
                 if not value > 0:
                     return self._end(Status.UNKNOWN, root_margin,
                                      "a sub-domain with every ReLU fixed is not proven", start)
@@ -227,13 +247,19 @@ class Search:
                 pool = Pool.cat([children, rest]) if len(rest) else children
             else:
                 pool = rest
+            self.pool = pool
             log.debug("bab: %d bounded, %d open, worst %.4g, %.1f s", self.visited, len(pool),
                       float(pool.value.min()) if len(pool) else math.inf,
                       time.perf_counter() - start)
+        if self.failed:
+            return self._end(Status.UNKNOWN, root_margin,
+                             "a sub-domain with every ReLU fixed is not proven", start)
         return self._end(Status.VERIFIED, least, "", start)
 
     def _end(self, status: Status, margin: float, reason: str, start: float) -> Outcome:
-        return Outcome(status, margin, self.visited, reason, time.perf_counter() - start)
+        still = set(self.pool.term.tolist()) | self.failed if status != Status.VERIFIED else ()
+        return Outcome(status, margin, self.visited, reason, time.perf_counter() - start,
+                       tuple(sorted(still)))
 
     def _bound_children(self, pool: Pool, steps: Steps) -> tuple[Pool, float]:
         """Bound the domains; return those left open (with their candidates) and the smallest

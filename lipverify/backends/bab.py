@@ -24,6 +24,7 @@ from lipverify.bab.optimise import Steps
 from lipverify.bab.problem import chain_of, input_set, leaf_region, terms_of
 from lipverify.bab.relaxed import cast_chain
 from lipverify.bab.search import Search, SearchOptions
+from lipverify.bab.tighten import TightenOptions, tighten_root
 from lipverify.backends._leaf_lp import leaf_lower_bounds, relu_layers
 from lipverify.backends._lirpa_adapter import DTYPE, LirpaAdapter, LirpaOptions, _help
 from lipverify.backends._margin_search import Outcomes, Region, Spec
@@ -52,6 +53,9 @@ class BabOptions(LirpaOptions):
                                  "alpha-CROWN only).")
     time_per_input: float | None = _help(30.0, "Seconds of branching per input (none: until "
                                                "the problem's deadline or `timeout`).")
+    tighten: float = _help(0.0, "Share of each input's time first spent proving deep neurons "
+                                "stable by partial searches on the cut chain "
+                                "(lipverify.bab.tighten); 0: off.")
 
 
 @dataclass(frozen=True)
@@ -250,8 +254,12 @@ class BabBackend(LirpaBackend):
                                         terms.d[term].cpu().numpy()[keep])
             return float(rows.max())
 
-        search = Search(cast_chain(chain, torch.float64, device), inputs, terms,
-                        slack, search_opts, leaf, deadline)
+        chain = cast_chain(chain, torch.float64, device)
+        root = None
+        if opts.tighten > 0:
+            root = tighten_root(chain, inputs, search_opts.interm_steps, search_opts,
+                                TightenOptions(share=opts.tighten), deadline).root
+        search = Search(chain, inputs, terms, slack, search_opts, leaf, deadline, root)
         out = search.run()
         return SearchResult(out.status, out.margin, out.domains, out.reason)
 

@@ -1,0 +1,144 @@
+"""Tighter root pre-activation bounds: neurons proven stable by branch and bound on the chain
+cut at their layer (what alpha-beta-CROWN's MIP refinement does, with sound bounds instead).
+
+alpha-CROWN's bounds of deep layers can be far looser than the network's reach: on mnist_fc
+256x6 `prop_1_0.03` it leaves 230 of layer 4's 256 neurons unstable where an attack finds only
+10 on both sides of 0, and every later neuron unstable. Layer by layer, the unstable neurons
+that no attack shows on both sides of 0 are tried: a partial `Search` on the chain that ends at
+their layer, one term per neuron (`-z_j > 0` or `z_j > 0`), refutes what it can in its share of
+the time; each refuted neuron is stable on the whole region, so its bound is clamped at 0 (a
+proof of the search, float64 with its rounding allowance), and the later layers' bounds are
+recomputed over the new ones.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lipverify.bab.optimise import Steps
+from lipverify.bab.pool import Terms
+from lipverify.bab.relaxed import InputSet
+from lipverify.bab.root import Root, root_relaxation
+from lipverify.bab.search import Search, SearchOptions
+from lipverify.bounds.chain import Chain
+
+
+@dataclass(frozen=True)
+class TightenOptions:
+    """`share` of the time left spent tightening (`seconds` when there is no deadline), split
+    evenly among the layers tried; layers with fewer than `least` candidates are skipped;
+    `attack_steps` of signed gradient per neuron and side find the surely unstable ones."""
+
+    share: float = 0.4
+    seconds: float = 30.0
+    least: int = 8
+    attack_steps: int = 30
+
+
+@dataclass(frozen=True)
+class Tightened:
+    """The tighter root, and per layer how many neurons were unstable, tried and proven."""
+
+    root: Root
+    unstable: tuple[int, ...]
+    tried: tuple[int, ...]
+    proven: tuple[int, ...]
+
+
+def tighten_root(chain: Chain, inputs: InputSet, steps: Steps, search: SearchOptions,
+                 options: TightenOptions = TightenOptions(), deadline: float | None = None,
+                 seed: int = 0) -> Tightened:
+    """Root bounds of `chain` over `inputs`, each layer's stabilisable neurons proven stable
+    where a partial search can (in `search`'s float dtype, proofs in float64)."""
+    now = time.monotonic()
+    stop = now + (options.share * (deadline - now) if deadline is not None else options.seconds)
+    root = root_relaxation(chain, inputs, steps, search.dtype, deadline)
+    unstable, tried, proven = [], [], []
+    generator = torch.Generator(device=inputs.centre.device).manual_seed(seed)
+    for k in range(chain.num_relus):
+        lo, up = root.bounds[k]
+        live = (lo < 0) & (up > 0)
+        unstable.append(int(live.sum()))
+        layers_left = chain.num_relus - k
+        if k == 0 or time.monotonic() >= stop or not live.any():
+            tried.append(0)
+            proven.append(0)
+            continue
+        cut = Chain(chain.blocks[:k + 1], chain.input_shape)
+        reach_lo, reach_up = _reach(cut, inputs, options.attack_steps, generator)
+        below, above = live & (reach_up < 0), live & (reach_lo > 0)
+        index = torch.nonzero(below | above).flatten()
+        tried.append(len(index))
+        if len(index) < options.least:
+            proven.append(0)
+            continue
+        # row -e_j (prove z_j < 0) for a neuron the attack keeps below 0, +e_j above
+        sign = torch.where(below[index], -1.0, 1.0).to(torch.float64)
+        c = torch.zeros((len(index), 1, len(lo)), dtype=torch.float64, device=lo.device)
+        c[torch.arange(len(index)), 0, index] = sign
+        terms = Terms(c, torch.zeros((len(index), 1), dtype=torch.float64, device=lo.device),
+                      torch.ones((len(index), 1), dtype=torch.bool, device=lo.device))
+        until = time.monotonic() + (stop - time.monotonic()) / layers_left
+        out = Search(cut, inputs, terms, 0.0, search, None, until,
+                     Root(root.bounds[:k], root.slopes[:k]), partial=True).run()
+        done = torch.ones(len(index), dtype=torch.bool, device=lo.device)
+        done[list(out.open_terms)] = False
+        proven.append(int(done.sum()))
+        if not done.any():
+            continue
+        lo, up = lo.clone(), up.clone()
+        dead, active = index[done & (sign < 0)], index[done & (sign > 0)]
+        up[dead] = up[dead].clamp(max=0.0)
+        lo[active] = lo[active].clamp(min=0.0)
+        bounds = [*root.bounds[:k], (lo, up)]
+        root = root_relaxation(chain, inputs, steps, search.dtype, deadline,
+                               given=Root(bounds, root.slopes[:k + 1]))
+    return Tightened(root, tuple(unstable), tuple(tried), tuple(proven))
+
+
+def _reach(cut: Chain, inputs: InputSet, iterations: int, generator: torch.Generator
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attained extremes of each output neuron of `cut` over `inputs`: per neuron a
+    signed-gradient ascent of `+z_j` and of `-z_j` (values reached, not bounds)."""
+    n = cut.blocks[-1].out_size
+    centre = inputs.centre
+    dtype = centre.dtype
+    start = torch.rand((2 * n, len(centre)), generator=generator, dtype=dtype,
+                       device=centre.device) * 2 - 1
+    x = _project(inputs, centre + start * _extent(inputs))
+    sign = torch.cat([torch.ones(n, dtype=dtype), -torch.ones(n, dtype=dtype)]).to(centre.device)
+    rows = torch.arange(2 * n, device=centre.device) % n
+    best = torch.full((2 * n,), -torch.inf, dtype=dtype, device=centre.device)
+    step = _extent(inputs) * 0.25
+    for it in range(iterations + 1):
+        x = x.detach().requires_grad_(it < iterations)
+        with torch.set_grad_enabled(it < iterations):
+            value = sign * cut.centres(x)[-1][torch.arange(2 * n), rows]
+        best = torch.maximum(best, value.detach())
+        if it == iterations:
+            break
+        grad, = torch.autograd.grad(value.sum(), x)
+        with torch.no_grad():
+            x = _project(inputs, x + step * (1 - it / iterations) * _direction(inputs, grad))
+    return -best[n:], best[:n]
+
+
+def _extent(inputs: InputSet) -> torch.Tensor | float:
+    return inputs.half if inputs.half is not None else inputs.radius / len(inputs.centre) ** 0.5
+
+
+def _direction(inputs: InputSet, grad: torch.Tensor) -> torch.Tensor:
+    if inputs.half is not None:
+        return grad.sign()
+    return grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-30) * len(inputs.centre) ** 0.5
+
+
+def _project(inputs: InputSet, x: torch.Tensor) -> torch.Tensor:
+    if inputs.half is not None:
+        return torch.clamp(x, inputs.centre - inputs.half, inputs.centre + inputs.half)
+    delta = x - inputs.centre
+    norm = delta.norm(dim=1, keepdim=True)
+    return inputs.centre + delta * (inputs.radius / norm.clamp_min(inputs.radius)).clamp(max=1)
