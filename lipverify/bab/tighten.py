@@ -55,10 +55,13 @@ def tighten_root(chain: Chain, inputs: InputSet, steps: Steps, search: SearchOpt
     where a partial search can (in `search`'s float dtype, proofs in float64)."""
     now = time.monotonic()
     stop = now + (options.share * (deadline - now) if deadline is not None else options.seconds)
-    root = root_relaxation(chain, inputs, steps, search.dtype, deadline)
+    root = Root([], [])
     unstable, tried, proven = [], [], []
     generator = torch.Generator(device=inputs.centre.device).manual_seed(seed)
     for k in range(chain.num_relus):
+        # ReLU k's bounds only, over the earlier ones as tightened (a chain of k + 1 ReLUs)
+        root = root_relaxation(Chain(chain.blocks[:k + 2], chain.input_shape), inputs, steps,
+                               search.dtype, deadline, given=root)
         lo, up = root.bounds[k]
         live = (lo < 0) & (up > 0)
         unstable.append(int(live.sum()))
@@ -93,9 +96,7 @@ def tighten_root(chain: Chain, inputs: InputSet, steps: Steps, search: SearchOpt
         dead, active = index[done & (sign < 0)], index[done & (sign > 0)]
         up[dead] = up[dead].clamp(max=0.0)
         lo[active] = lo[active].clamp(min=0.0)
-        bounds = [*root.bounds[:k], (lo, up)]
-        root = root_relaxation(chain, inputs, steps, search.dtype, deadline,
-                               given=Root(bounds, root.slopes[:k + 1]))
+        root = Root([*root.bounds[:k], (lo, up)], root.slopes)
     return Tightened(root, tuple(unstable), tuple(tried), tuple(proven))
 
 
@@ -116,7 +117,7 @@ def _reach(cut: Chain, inputs: InputSet, iterations: int, generator: torch.Gener
     for it in range(iterations + 1):
         x = x.detach().requires_grad_(it < iterations)
         with torch.set_grad_enabled(it < iterations):
-            value = sign * cut.centres(x)[-1][torch.arange(2 * n), rows]
+            value = sign * cut.centres(x)[-1][torch.arange(2 * n, device=centre.device), rows]
         best = torch.maximum(best, value.detach())
         if it == iterations:
             break
