@@ -211,20 +211,20 @@ class Search:
         root_margin = float(pool.value.min()) if len(pool) else least
         log.debug("bab root: margin %.4g, %d terms open, %.1f s", root_margin, len(pool),
                   time.perf_counter() - start)
-        self.failed: set[int] = set()
-        self.pool = pool
+        failed: set[int] = set()  # terms given up (partial)
         while len(pool):
-            if self.failed:
-                dropped = torch.tensor(sorted(self.failed), device=self.device)
+            if failed:
+                dropped = torch.tensor(sorted(failed), device=self.device)
                 pool = pool.take(torch.nonzero(~torch.isin(pool.term, dropped)).flatten())
-                self.pool = pool
                 if not len(pool):
                     break
             if deadline_passed(self.deadline):
-                return self._end(Status.TIMEOUT, root_margin, "out of time", start)
+                return self._end(Status.TIMEOUT, root_margin, "out of time", start, pool,
+                                 failed)
             if len(pool) > opts.max_domains:
                 return self._end(Status.UNKNOWN, root_margin,
-                                 f"more than {opts.max_domains} open sub-domains", start)
+                                 f"more than {opts.max_domains} open sub-domains", start, pool,
+                                 failed)
             order = torch.argsort(pool.value, descending=self.partial)
             half = max(1, opts.batch // 2)
             picked, rest = pool.take(order[:half]), pool.take(order[half:])
@@ -233,11 +233,12 @@ class Search:
             for b in torch.nonzero(leaves).flatten().tolist():
                 value = self._leaf_value(picked.take(torch.tensor([b], device=self.device)))
                 if not value > 0 and self.partial:
-                    self.failed.add(int(picked.term[b]))
+                    failed.add(int(picked.term[b]))
                     continue
                 if not value > 0:
                     return self._end(Status.UNKNOWN, root_margin,
-                                     "a sub-domain with every ReLU fixed is not proven", start)
+                                     "a sub-domain with every ReLU fixed is not proven", start,
+                                     pool)
                 least = min(least, value)
             picked = picked.take(torch.nonzero(~leaves).flatten())
             if len(picked):
@@ -247,19 +248,22 @@ class Search:
                 pool = Pool.cat([children, rest]) if len(rest) else children
             else:
                 pool = rest
-            self.pool = pool
             log.debug("bab: %d bounded, %d open, worst %.4g, %.1f s", self.visited, len(pool),
                       float(pool.value.min()) if len(pool) else math.inf,
                       time.perf_counter() - start)
-        if self.failed:
+        if failed:
             return self._end(Status.UNKNOWN, root_margin,
-                             "a sub-domain with every ReLU fixed is not proven", start)
+                             "a sub-domain with every ReLU fixed is not proven", start,
+                             failed=failed)
         return self._end(Status.VERIFIED, least, "", start)
 
-    def _end(self, status: Status, margin: float, reason: str, start: float) -> Outcome:
-        still = set(self.pool.term.tolist()) | self.failed if status != Status.VERIFIED else ()
+    def _end(self, status: Status, margin: float, reason: str, start: float,
+             pool: Pool | None = None, failed: set[int] | frozenset[int] = frozenset()
+             ) -> Outcome:
+        """The outcome; `pool` (still open) and `failed` (given up) name the open terms."""
+        still = set(pool.term.tolist()) if pool is not None else set()
         return Outcome(status, margin, self.visited, reason, time.perf_counter() - start,
-                       tuple(sorted(still)))
+                       tuple(sorted(still | failed)))
 
     def _bound_children(self, pool: Pool, steps: Steps) -> tuple[Pool, float]:
         """Bound the domains; return those left open (with their candidates) and the smallest
