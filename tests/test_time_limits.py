@@ -231,6 +231,29 @@ def test_vnncomp_instance_limit(isolate):
     assert answer.result in (VnncompResult.TIMEOUT, VnncompResult.UNKNOWN), answer.trace
 
 
+# A fresh interpreter: its fork server starts cold and imports torch (seconds) before it forks.
+COLD_START = """
+import sys, time
+from lipverify.vnncomp.runner import RunOptions, run_instance
+start = time.monotonic()
+answer = run_instance(sys.argv[1], sys.argv[2], RunOptions(timeout=float(sys.argv[3])))
+print(time.monotonic() - start, answer.result.value)
+"""
+
+
+@needs_bench
+def test_vnncomp_limit_with_a_cold_fork_server():
+    """The backend child's fork server still importing torch does not hold the run past T: the
+    child's start is waited for only until the deadline."""
+    limit = 0.5
+    onnx, vnnlib = _hard_instance()
+    done = subprocess.run([sys.executable, "-c", COLD_START, str(onnx), str(vnnlib), str(limit)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    seconds, result = done.stdout.split()
+    assert float(seconds) <= allowed(limit), done.stdout
+    assert result in (VnncompResult.TIMEOUT.value, VnncompResult.UNKNOWN.value)
+
+
 @needs_bench
 def test_vnncomp_cli_instance_limit(tmp_path):
     """`lipverify vnncomp ONNX VNNLIB --timeout T` as its own process: interpreter start and

@@ -120,6 +120,7 @@ def _check_backends(config: VnncompConfig) -> None:
 def _run_one(args: argparse.Namespace, start: float) -> int:
     from lipverify.vnncomp.results import VnncompResult, write_result
     from lipverify.vnncomp.runner import run_instance
+    from lipverify.vnncomp.worker import stop_fork_server
 
     if args.out is None:
         raise InputError("--out RESULT is required for one instance")
@@ -135,7 +136,9 @@ def _run_one(args: argparse.Namespace, start: float) -> int:
     answer = run_instance(args.onnx, args.vnnlib, _run_options(args, budget))
     cex = answer.counterexample
     write_result(args.out, answer.result, cex.x if cex else None, cex.y if cex else None)
-    args.fast_exit = True  # the answer is on disk: the console script may skip teardown
+    # The answer is on disk: the console script may skip teardown, once the fork server (which
+    # may still be importing torch) is gone.
+    args.fast_exit = stop_fork_server
     if answer.result == VnncompResult.ERROR:
         raise InstanceError(answer.message)
     print(f"{answer.result.value} ({answer.seconds:.2f}s"

@@ -17,7 +17,9 @@ import importlib.metadata
 import logging
 import multiprocessing
 import multiprocessing.forkserver
+import os
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Mapping
@@ -207,8 +209,13 @@ def _serve(conn: Connection, options: BackendOptions) -> None:
     try:
         local = LocalBackends(options)
         conn.send(("ready", local.summaries))
+    except (BrokenPipeError, ConnectionResetError):
+        return  # the parent is gone (out of time while this child loaded)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
-        conn.send(("error", _one_line(exc)))
+        try:
+            conn.send(("error", _one_line(exc)))
+        except OSError:
+            pass
         return
     while True:
         try:
@@ -219,6 +226,8 @@ def _serve(conn: Connection, options: BackendOptions) -> None:
             return
         try:
             conn.send(("ok", local.certify(*request)))
+        except (BrokenPipeError, ConnectionResetError):
+            return
         except BaseException as exc:  # noqa: BLE001 - one backend failing is not fatal
             conn.send(("error", _one_line(exc)))
 
@@ -233,28 +242,66 @@ def warm_up() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
+def stop_fork_server() -> None:
+    """Kill this process's fork server, for a process about to exit at once (`os._exit`).
+
+    A fork server still importing `PRELOAD` notices its parent's exit only when the imports end,
+    seconds later, and holds the caller's stdout and stderr open until then. (Not reaped here:
+    the stdlib's `ensure_running` reaps a dead server and starts a new one when asked.)
+    """
+    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class WorkerBackends:
-    """The network and backends in a child process; same interface as `LocalBackends`."""
+    """The network and backends in a child process; same interface as `LocalBackends`.
+
+    Starting a fork-server child blocks until the server has imported `PRELOAD` (several seconds
+    on a loaded machine), so the start runs in a thread: the deadline, not the import, bounds
+    the wait, and a child that starts after `close` is killed as it comes.
+    """
 
     def __init__(self, options: BackendOptions) -> None:
         warm_up()
         ctx = multiprocessing.get_context("forkserver")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, options), daemon=True,
+        self.conn, self._child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(self._child, options), daemon=True,
                                 name=f"lipverify-{Path(options.onnx_path).stem}")
-        self.proc.start()
-        child.close()
         self.summaries: list[BackendSummary] = []
+        self._lock = threading.Lock()
+        self._started = False  # proc.start() returned (or failed)
+        self._closed = False
+        self._starter = threading.Thread(target=self._start, daemon=True,
+                                         name="lipverify-worker-start")
+        self._starter.start()
+
+    def _start(self) -> None:
+        try:
+            self.proc.start()
+        except Exception:  # noqa: BLE001 - the parent sees a dead child and reports it
+            log.debug("cannot start the backend process", exc_info=True)
+        finally:
+            self._child.close()
+            with self._lock:
+                self._started, late = True, self._closed
+            if late:
+                self._stop()
 
     def _receive(self, deadline: float) -> tuple[str, Any] | None:
         """The child's next message, or None when the deadline passed (the child is killed)."""
-        if not self.conn.poll(max(deadline - time.monotonic(), 0.0)):
+        self._starter.join(max(deadline - time.monotonic(), 0.0))
+        if self._starter.is_alive() or not self.conn.poll(max(deadline - time.monotonic(), 0.0)):
             self.kill()
             return None
         try:
             return self.conn.recv()
         except (EOFError, OSError):
-            self.proc.join(1.0)
+            if self.proc.pid is not None:
+                self.proc.join(1.0)
             return ("error", f"backend process died (exit code {self.proc.exitcode})")
 
     def wait_ready(self, deadline: float) -> list[BackendSummary]:
@@ -283,15 +330,25 @@ class WorkerBackends:
             return payload
         return Certificate(Status.ERROR, name, details={"error": payload}), None
 
-    def kill(self) -> None:
-        """Stop the child now."""
+    def _stop(self) -> None:
+        """Kill the child if it was started (it may not be, or still be starting)."""
+        if self.proc.pid is None:
+            return
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join()
 
+    def kill(self) -> None:
+        """Stop the child now; one still starting is killed by the starter when it comes."""
+        with self._lock:
+            self._closed = True
+            started = self._started
+        if started:
+            self._stop()
+
     def close(self) -> None:
         """Ask the child to stop (kill it if it does not, or if it is still loading)."""
-        if self.proc.is_alive() and self.summaries:
+        if self.summaries and self.proc.is_alive():
             try:
                 self.conn.send(None)
             except OSError:
