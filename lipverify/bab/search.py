@@ -36,14 +36,13 @@ from lipverify.bab.relaxed import (
     split_bounds,
 )
 from lipverify.bab.root import Bounds, Root, root_relaxation
+from lipverify.bab.scores import CANDIDATES, candidates
 from lipverify.bounds.chain import Chain
 from lipverify.network.layers import Conv
 from lipverify.types import Status, deadline_passed
 
 log = logging.getLogger(__name__)
 
-CANDIDATES = 8  # best-scored neurons kept per open sub-domain
-STABLE_SCORE = -1e30  # a root-unstable neuron the domain's own bounds make stable
 
 
 @dataclass(frozen=True)
@@ -286,49 +285,12 @@ class Search:
         open_idx = torch.nonzero(~done).flatten()
         left = pool.take(open_idx)
         left.value = value[open_idx]
-        left.cand = self._candidates(left, [(lo if len(lo) == 1 else lo[open_idx],
-                                             up if len(up) == 1 else up[open_idx])
-                                            for lo, up in bounds],
-                                     [c[open_idx] for c in best.coefs], best.value[open_idx])
+        left.cand = candidates(left, [(lo if len(lo) == 1 else lo[open_idx],
+                                       up if len(up) == 1 else up[open_idx])
+                                      for lo, up in bounds],
+                               [c[open_idx] for c in best.coefs], best.value[open_idx],
+                               self.terms.valid, self.unstable)
         return left, least
-
-    def _candidates(self, pool: Pool, bounds: Bounds, coefs: list[torch.Tensor],
-                    rows: torch.Tensor) -> torch.Tensor:
-        """Per domain the flat indices `(B, CANDIDATES + ReLUs)` of its best-scored splittable
-        neurons, then of each ReLU's best neuron unstable on the domain (-1: none)."""
-        if not len(pool):
-            return torch.zeros((0, CANDIDATES + len(self.root)), dtype=torch.long,
-                               device=self.device)
-        valid = self.terms.valid[pool.term]
-        row = torch.where(valid, rows, torch.full_like(rows, -math.inf)).argmax(dim=1)
-        batch = torch.arange(len(pool), device=self.device)
-        parts = []
-        for (lo, up), a, s, root in zip(bounds, coefs, pool.splits, self.unstable, strict=True):
-            coef = a[batch, row]  # (B, n)
-            lo, up = lo.expand_as(coef), up.expand_as(coef)  # the domain's
-            open_ = root[None] & (s == 0)
-            live = open_ & (lo < 0) & (up > 0)
-            width = torch.where(live, up - lo, torch.ones_like(up))
-            intercept = torch.where(live, -up * lo / width, torch.zeros_like(up))
-            score = torch.relu(-coef) * intercept + 1e-4 * coef.abs() * width
-            # stable on the domain but not split: last, so that leaves are exactly split
-            score = torch.where(live, score, torch.full_like(score, STABLE_SCORE))
-            parts.append(torch.where(open_, score, torch.full_like(score, -math.inf)))
-        scores = torch.cat(parts, dim=1)
-        k = min(CANDIDATES, scores.shape[1])
-        top, index = scores.topk(k, dim=1)
-        index = torch.where(torch.isfinite(top), index, torch.full_like(index, -1))
-        if k < CANDIDATES:
-            pad = torch.full((len(pool), CANDIDATES - k), -1, dtype=torch.long,
-                             device=self.device)
-            index = torch.cat([index, pad], dim=1)
-        per_layer, start = [], 0
-        for part in parts:
-            best, at = part.max(dim=1)
-            live = torch.isfinite(best) & (best > STABLE_SCORE)
-            per_layer.append(torch.where(live, at + start, torch.full_like(at, -1)))
-            start += part.shape[1]
-        return torch.cat([index, torch.stack(per_layer, dim=1)], dim=1)
 
     def _choose(self, pool: Pool) -> Pool:
         """Filtered smart branching: of each domain's `options.filtered` best-scored
