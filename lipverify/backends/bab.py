@@ -56,6 +56,8 @@ class BabOptions(LirpaOptions):
     tighten: float = _help(0.0, "Share of each input's time first spent proving deep neurons "
                                 "stable by partial searches on the cut chain "
                                 "(lipverify.bab.tighten); 0: off.")
+    tighten_after: float = _help(10.0, "Seconds of plain search before tightening (an input "
+                                       "it decides is not tightened); 0: tighten first.")
 
 
 @dataclass(frozen=True)
@@ -255,13 +257,22 @@ class BabBackend(LirpaBackend):
             return float(rows.max())
 
         chain = cast_chain(chain, torch.float64, device)
-        root = None
+        root, margin, domains = None, -float("inf"), 0
         if opts.tighten > 0:
+            if opts.tighten_after > 0:  # what a plain search decides fast is not tightened
+                first = time.monotonic() + opts.tighten_after
+                search = Search(chain, inputs, terms, slack, search_opts, leaf,
+                                first if deadline is None else min(first, deadline))
+                out = search.run()
+                if out.status is not Status.TIMEOUT or deadline_passed(deadline):
+                    return SearchResult(out.status, out.margin, out.domains, out.reason)
+                margin, domains = out.margin, out.domains
             root = tighten_root(chain, inputs, search_opts.interm_steps, search_opts,
                                 TightenOptions(share=opts.tighten), deadline).root
         search = Search(chain, inputs, terms, slack, search_opts, leaf, deadline, root)
         out = search.run()
-        return SearchResult(out.status, out.margin, out.domains, out.reason)
+        return SearchResult(out.status, max(out.margin, margin), out.domains + domains,
+                            out.reason)
 
     def search(self, adapter: LirpaAdapter, region: Region, spec: Spec, slack: float,
                deadline: float | None) -> SearchResult:

@@ -69,11 +69,13 @@ def test_split_children_cover_the_parent():
         assert torch.equal(children[1 - layer][1][3 + b], other[1][b])
 
 
-@pytest.mark.parametrize("tighten", [0.0, 0.4])
+@pytest.mark.parametrize(("tighten", "after"), [(0.0, 10.0), (0.4, 0.0), (0.4, 0.02)],
+                         ids=["plain", "tightened", "tightened-after-a-plain-search"])
 @pytest.mark.parametrize("seed", [1, 4, 5])
-def test_verified_exactly_when_the_milp_says_robust(seed, tighten):
+def test_verified_exactly_when_the_milp_says_robust(seed, tighten, after):
     """Complete here (every input the MILP proves robust is verified), never wrong, and it
-    proves inputs plain CROWN cannot; with or without tightened root bounds."""
+    proves inputs plain CROWN cannot; with or without tightened root bounds, tightened first
+    or after a plain search too short for some inputs."""
     module, stages = _mlp(seed)
     net = load_network(module, (4,))
     x = np.random.default_rng(seed).uniform(-1, 1, (8, 4)).astype(np.float32)
@@ -81,7 +83,8 @@ def test_verified_exactly_when_the_milp_says_robust(seed, tighten):
     eps = 0.4
     problem = Problem.robustness(x, labels, 3, Perturbation.ball("inf", eps))
     with one_torch_thread():
-        bab = BabBackend(BabOptions(time_per_input=20.0, tighten=tighten)).certify(net, problem)
+        bab = BabBackend(BabOptions(time_per_input=20.0, tighten=tighten,
+                                    tighten_after=after)).certify(net, problem)
         crown = LirpaBackend().certify(net, problem)
     truth = [_robust_by_milp(module, stages, x[k].astype(np.float64), int(labels[k]), eps)
              for k in range(len(x))]
