@@ -1,6 +1,7 @@
 """Branch and bound on VNN-COMP instances: a deep mnist_fc property that no bound-only backend
 proves is unsat by `bab` alone, a known sat one is never called unsat, and an instance run gives
-`bab` the whole timeout (not `certify`'s share per input) unless a config says otherwise."""
+`bab` the whole timeout (not `certify`'s share per input) and tightened root bounds unless a
+config says otherwise; those prove a hard instance the plain search cannot."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ MNIST = BENCH / "mnist_fc_2022"
 needs_bench = pytest.mark.skipif(not MNIST.is_dir(), reason="shared benchmarks not present")
 
 
-def _run(net: str, prop: str, backends: tuple[str, ...], timeout: float):
-    options = RunOptions(timeout=timeout, backends=backends, isolate=False)
+def _run(net: str, prop: str, backends: tuple[str, ...], timeout: float,
+         sections: dict | None = None):
+    options = RunOptions(timeout=timeout, backends=backends, isolate=False,
+                         backend_options=sections or {})
     with one_torch_thread():
         return run_instance(MNIST / "onnx" / f"mnist-net_{net}.onnx",
                             MNIST / "vnnlib" / f"{prop}.vnnlib", options)
@@ -38,8 +41,18 @@ def test_a_known_sat_instance_is_never_unsat():
     assert answer.result in (VnncompResult.UNKNOWN, VnncompResult.TIMEOUT)
 
 
-def test_instance_runs_lift_babs_time_per_input_unless_configured():
-    assert _with_defaults({})["bab"]["time_per_input"] is None
-    mine = _with_defaults({"bab": {"time_per_input": 5.0, "beta_lr": 0.1}, "attack": {}})
-    assert mine["bab"] == {"time_per_input": 5.0, "beta_lr": 0.1}
+@needs_bench
+def test_tightened_root_bounds_prove_what_the_plain_search_cannot():
+    """256x4 `prop_11_0.05` (known unsat): the instance default (a plain search, then tightened
+    root bounds) proves it within 60 s; the plain search alone does not (nor at 300 s)."""
+    assert _run("256x4", "prop_11_0.05", ("bab",), 60).result == VnncompResult.UNSAT
+    plain = _run("256x4", "prop_11_0.05", ("bab",), 40, {"bab": {"tighten": 0.0}})
+    assert plain.result != VnncompResult.UNSAT
+
+
+def test_instance_runs_lift_babs_time_per_input_and_tighten_unless_configured():
+    assert _with_defaults({})["bab"] == {"time_per_input": None, "tighten": 0.4}
+    mine = _with_defaults({"bab": {"time_per_input": 5.0, "tighten": 0.0, "beta_lr": 0.1},
+                           "attack": {}})
+    assert mine["bab"] == {"time_per_input": 5.0, "tighten": 0.0, "beta_lr": 0.1}
     assert mine["attack"] == {}
