@@ -87,8 +87,8 @@ def test_gram_bound_of_zero_and_nearly_equal_singular_values():
     q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((40, 40)))
     # An orthogonal matrix: every singular value 1, the slowest case for Gram iteration.
     value = float(gram_bound(q[None]).bounds[0])
-    assert 1.0 <= value <= 1.0 + 1e-3
-    assert svd_bound(q) >= 1.0
+    assert 1.0 <= value <= 1.0 + 5e-5  # 1.4e-5 above after Gram iteration's capped steps
+    assert 1.0 <= svd_bound(q) <= 1.0 + 1e-9
 
 
 def test_inf_norms_against_enumerated_vertices():
