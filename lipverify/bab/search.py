@@ -85,7 +85,9 @@ class Outcome:
     open_terms: tuple[int, ...] = ()
 
 
-Leaf = Callable[[list[torch.Tensor], int], float]
+# the exact value of one term on a fully split sub-domain: (the search's root bounds, the
+# sub-domain's splits, the term)
+Leaf = Callable[[Bounds, list[torch.Tensor], int], float]
 
 
 class Search:
@@ -378,4 +380,4 @@ class Search:
         """Exact value of a domain whose root-unstable neurons are all split (LPs)."""
         if self.leaf is None:
             return math.nan
-        return self.leaf([s[0] for s in pool.splits], int(pool.term[0])) - self.slack
+        return self.leaf(self.root, [s[0] for s in pool.splits], int(pool.term[0])) - self.slack

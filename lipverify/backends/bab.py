@@ -23,8 +23,8 @@ import torch
 from lipverify.bab.optimise import Steps
 from lipverify.bab.problem import chain_of, input_set, leaf_region, terms_of
 from lipverify.bab.relaxed import cast_chain
-from lipverify.bab.search import Search, SearchOptions
-from lipverify.bab.tighten import TightenOptions, tighten_root
+from lipverify.bab.schedule import solve
+from lipverify.bab.search import SearchOptions
 from lipverify.backends._leaf_lp import leaf_lower_bounds, relu_layers
 from lipverify.backends._lirpa_adapter import DTYPE, LirpaAdapter, LirpaOptions, _help
 from lipverify.backends._margin_search import Outcomes, Region, Spec
@@ -244,35 +244,20 @@ class BabBackend(LirpaBackend):
                                                 lr_beta=opts.beta_lr, target=0.0))
         layers = relu_layers(network.layers)
 
-        def leaf(splits: list[torch.Tensor], term: int) -> float:
+        def leaf(root: Bounds, splits: list[torch.Tensor], term: int) -> float:
             if layers is None:
                 return float("nan")
-            root = search.root
             active = [((lo >= 0) | (s > 0)).cpu().numpy() for (lo, _), s in zip(root, splits)]
-            constrained = [u.cpu().numpy() for u in search.unstable]
+            constrained = [((lo < 0) & (up > 0)).cpu().numpy() for lo, up in root]
             keep = terms.valid[term].cpu().numpy()
             rows, _ = leaf_lower_bounds(layers, active, constrained, leaf_region(region),
                                         terms.c[term].cpu().numpy()[keep],
                                         terms.d[term].cpu().numpy()[keep])
             return float(rows.max())
 
-        chain = cast_chain(chain, torch.float64, device)
-        root, margin, domains = None, -float("inf"), 0
-        if opts.tighten > 0:
-            if opts.tighten_after > 0:  # what a plain search decides fast is not tightened
-                first = time.monotonic() + opts.tighten_after
-                search = Search(chain, inputs, terms, slack, search_opts, leaf,
-                                first if deadline is None else min(first, deadline))
-                out = search.run()
-                if out.status is not Status.TIMEOUT or deadline_passed(deadline):
-                    return SearchResult(out.status, out.margin, out.domains, out.reason)
-                margin, domains = out.margin, out.domains
-            root = tighten_root(chain, inputs, search_opts.interm_steps, search_opts,
-                                TightenOptions(share=opts.tighten), deadline).root
-        search = Search(chain, inputs, terms, slack, search_opts, leaf, deadline, root)
-        out = search.run()
-        return SearchResult(out.status, max(out.margin, margin), out.domains + domains,
-                            out.reason)
+        out = solve(cast_chain(chain, torch.float64, device), inputs, terms, slack, search_opts,
+                    leaf, deadline, opts.tighten, opts.tighten_after)
+        return SearchResult(out.status, out.margin, out.domains, out.reason)
 
     def search(self, adapter: LirpaAdapter, region: Region, spec: Spec, slack: float,
                deadline: float | None) -> SearchResult:
