@@ -153,7 +153,12 @@ def backward_bound(chain: Chain, bounds: list[tuple[torch.Tensor, torch.Tensor]]
         chain: The network; `z_upto` is block `upto`'s output (default: the logits).
         bounds: Per ReLU before block `upto`, sub-domain bounds `(B, n)` (or `(1, n)`).
         splits: Per ReLU the split signs `(B, n)` (+1, -1, 0), or None (no splits).
-        alpha: Per ReLU lower slopes `(B, R, n)`, clamped to `[0, 1]` here.
+        alpha: Per ReLU slopes `(B, R, n)`, clamped to `[0, 1]` here: an unstable neuron's
+            lower line `alpha z`; on an active one (`l >= 0`), `alpha z + (1 - alpha) l`
+            below it (coefficient `>= 0`) or `alpha z + (1 - alpha) u` above it (`< 0`). At
+            1 that is `z` itself; below 1 it uses the neuron's own bounds, which can be far
+            tighter than what backward propagation through the earlier layers gives (bounds
+            proven by tightening, or clamped by a split).
         beta: Per ReLU split multipliers `(B, R, n)`, clamped at 0 here, or None.
         c, d: Rows `(B, R, m)` on `z_upto` and offsets `(B, R)`.
         inputs: The region.
@@ -200,10 +205,16 @@ def backward_bound(chain: Chain, bounds: list[tuple[torch.Tensor, torch.Tensor]]
             t = tau[k].clamp(0, 1) * (splits[k] != 0)[:, None, :].to(up.dtype)
             intercept = intercept * (1 - t)
             upper_slope = upper_slope * (1 - t) + t * (splits[k] > 0)[:, None, :].to(up.dtype)
-        lower_slope = torch.where(unstable, alpha[k].clamp(0, 1), active.to(up.dtype))
-        neg = a.clamp(max=0)
-        g = a.clamp(min=0) * lower_slope + neg * upper_slope
+        slope = alpha[k].clamp(0, 1)
+        lower_slope = torch.where(unstable, slope, torch.zeros_like(slope))
+        neg, pos = a.clamp(max=0), a.clamp(min=0)
+        g = pos * lower_slope + neg * upper_slope
         const = const + (neg * intercept).sum(dim=2).reshape(-1)
+        # an active neuron: `slope z + (1 - slope) l` (a >= 0) or `... u` (a < 0)
+        on = active.expand_as(a)
+        g = torch.where(on, a * slope, g)
+        rest = torch.where(on, (1 - slope) * (pos * lo + neg * up), torch.zeros_like(a))
+        const = const + rest.sum(dim=2).reshape(-1)
         weight = a.abs()
         if beta is not None and splits is not None:
             b_k = beta[k].clamp_min(0)
