@@ -30,12 +30,16 @@ from lipverify.bounds.chain import Chain
 class TightenOptions:
     """`share` of the time left spent tightening (`seconds` when there is no deadline), split
     evenly among the layers tried; layers with fewer than `least` candidates are skipped;
-    `attack_steps` of signed gradient per neuron and side find the surely unstable ones."""
+    `attack_steps` of signed gradient per neuron and side find the surely unstable ones.
+    `shrink` > 0: the last `shrink_share` of each layer's time tries to move the bounds of
+    the neurons left unstable `shrink` of the way towards what the attack reaches."""
 
     share: float = 0.4
     seconds: float = 30.0
     least: int = 8
     attack_steps: int = 30
+    shrink: float = 0.5
+    shrink_share: float = 0.4
 
 
 @dataclass(frozen=True)
@@ -75,29 +79,54 @@ def tighten_root(chain: Chain, inputs: InputSet, steps: Steps, search: SearchOpt
         below, above = live & (reach_up < 0), live & (reach_lo > 0)
         index = torch.nonzero(below | above).flatten()
         tried.append(len(index))
-        if len(index) < options.least:
-            proven.append(0)
-            continue
-        # row -e_j (prove z_j < 0) for a neuron the attack keeps below 0, +e_j above
-        sign = torch.where(below[index], -1.0, 1.0).to(torch.float64)
-        c = torch.zeros((len(index), 1, len(lo)), dtype=torch.float64, device=lo.device)
-        c[torch.arange(len(index)), 0, index] = sign
-        terms = Terms(c, torch.zeros((len(index), 1), dtype=torch.float64, device=lo.device),
-                      torch.ones((len(index), 1), dtype=torch.bool, device=lo.device))
-        until = time.monotonic() + (stop - time.monotonic()) / layers_left
-        out = Search(cut, inputs, terms, 0.0, search, None, until,
-                     Root(root.bounds[:k], root.slopes[:k]), partial=True).run()
-        done = torch.ones(len(index), dtype=torch.bool, device=lo.device)
-        done[list(out.open_terms)] = False
+        end = time.monotonic() + (stop - time.monotonic()) / layers_left
+        done = torch.zeros(0, dtype=torch.bool, device=lo.device)
+        if len(index) >= options.least:
+            # -z_j > 0 (z_j < 0) for a neuron the attack keeps below 0, z_j > 0 above
+            sign = torch.where(below[index], -1.0, 1.0).to(torch.float64)
+            until = end - options.shrink_share * (end - time.monotonic()) \
+                if options.shrink > 0 else end
+            done = _prove(cut, inputs, root, k, index, sign, torch.zeros_like(sign), search,
+                          until)
+            lo, up = lo.clone(), up.clone()
+            dead, active = index[done & (sign < 0)], index[done & (sign > 0)]
+            up[dead] = up[dead].clamp(max=0.0)
+            lo[active] = lo[active].clamp(min=0.0)
         proven.append(int(done.sum()))
-        if not done.any():
-            continue
-        lo, up = lo.clone(), up.clone()
-        dead, active = index[done & (sign < 0)], index[done & (sign > 0)]
-        up[dead] = up[dead].clamp(max=0.0)
-        lo[active] = lo[active].clamp(min=0.0)
+        still = torch.nonzero((lo < 0) & (up > 0)).flatten()
+        if options.shrink > 0 and len(still) >= options.least and time.monotonic() < end:
+            # the neurons left unstable: each bound moved `shrink` of the way to the reach
+            theta = options.shrink
+            index = torch.cat([still, still])
+            sign = torch.cat([-torch.ones(len(still)), torch.ones(len(still))]).to(lo)
+            target = torch.cat([reach_up[still] + (1 - theta) * (up[still] - reach_up[still]),
+                                reach_lo[still] - (1 - theta) * (reach_lo[still] - lo[still])])
+            target = torch.where(sign < 0, target.clamp(min=0.0), target.clamp(max=0.0))
+            moved = _prove(cut, inputs, root, k, index, sign, target, search, end)
+            lo, up = lo.clone(), up.clone()
+            top, bottom = moved & (sign < 0), moved & (sign > 0)
+            up[index[top]] = torch.minimum(up[index[top]], target[top])
+            lo[index[bottom]] = torch.maximum(lo[index[bottom]], target[bottom])
         root = Root([*root.bounds[:k], (lo, up)], root.slopes)
     return Tightened(root, tuple(unstable), tuple(tried), tuple(proven))
+
+
+def _prove(cut: Chain, inputs: InputSet, root: Root, k: int, index: torch.Tensor,
+           sign: torch.Tensor, target: torch.Tensor, search: SearchOptions, until: float
+           ) -> torch.Tensor:
+    """Which of `sign_i (z_index_i - target_i) > 0` a partial search on `cut` (whose last
+    block is ReLU `k`'s input) proves on the whole region by `until`: one term each."""
+    device = target.device
+    c = torch.zeros((len(index), 1, cut.blocks[-1].out_size), dtype=torch.float64,
+                    device=device)
+    c[torch.arange(len(index)), 0, index] = sign
+    terms = Terms(c, (sign * target)[:, None], torch.ones((len(index), 1), dtype=torch.bool,
+                                                          device=device))
+    out = Search(cut, inputs, terms, 0.0, search, None, until,
+                 Root(root.bounds[:k], root.slopes[:k]), partial=True).run()
+    done = torch.ones(len(index), dtype=torch.bool, device=device)
+    done[list(out.open_terms)] = False
+    return done
 
 
 def _reach(cut: Chain, inputs: InputSet, iterations: int, generator: torch.Generator

@@ -1,6 +1,7 @@
 """`lipverify.bab.tighten`: the tightened root bounds contain every sampled pre-activation, are
 inside alpha-CROWN's, and make neurons stable that alpha-CROWN leaves unstable; the partial
-search it runs reports exactly the terms it could not refute."""
+search it runs reports exactly the terms it could not refute, and `shrink` narrows the deep
+layers."""
 
 from __future__ import annotations
 
@@ -52,3 +53,22 @@ def test_partial_search_names_exactly_the_terms_it_cannot_refute():
                  None, partial=True).run()
     assert out.status != Status.VERIFIED
     assert set(out.open_terms) == {3, 4, 5}
+
+
+def test_shrinking_moves_the_bounds_of_neurons_left_unstable():
+    """With `shrink`, the neurons no proof makes stable get bounds moved towards what the
+    attack reaches (each a proof of the partial search): the deep layers' widths shrink, and
+    every sampled pre-activation stays inside."""
+    module, chain = _net(1, WIDTHS)
+    inputs = _region("box", 1)
+    steps = Steps(iterations=10)
+    widths = {}
+    for shrink in (0.0, 0.5):
+        out = tighten_root(chain, inputs, steps, SearchOptions(batch=256),
+                           TightenOptions(seconds=6.0, least=1, shrink=shrink), seed=1)
+        pre = _pre_activations(module, _samples(inputs, 20000, 1))[:-1]
+        for k, (lo, up) in enumerate(out.root.bounds):
+            assert (pre[k] >= lo).all() and (pre[k] <= up).all(), (shrink, k)
+        widths[shrink] = [float((up - lo).sum()) for lo, up in out.root.bounds]
+    assert widths[0.5][0] == pytest.approx(widths[0.0][0])  # the first layer is exact
+    assert sum(widths[0.5][1:]) < 0.9 * sum(widths[0.0][1:]), widths
