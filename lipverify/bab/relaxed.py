@@ -199,22 +199,22 @@ def backward_bound(chain: Chain, bounds: list[tuple[torch.Tensor, torch.Tensor]]
         active, dead = lo >= 0, up <= 0
         unstable = ~(active | dead)
         width = torch.where(unstable, up - lo, torch.ones_like(up))
-        upper_slope = torch.where(unstable, up / width, active.to(up.dtype))
+        upper_slope = torch.where(unstable, up / width, torch.zeros_like(up))
         intercept = torch.where(unstable, -upper_slope * lo, torch.zeros_like(lo))
         if tau is not None and splits is not None:
             t = tau[k].clamp(0, 1) * (splits[k] != 0)[:, None, :].to(up.dtype)
             intercept = intercept * (1 - t)
             upper_slope = upper_slope * (1 - t) + t * (splits[k] > 0)[:, None, :].to(up.dtype)
+        # lower lines (for a >= 0) and upper lines (a < 0): `slope z` below an unstable
+        # neuron; `slope z + (1 - slope) l` below and `... u` above an active one; 0 if dead
         slope = alpha[k].clamp(0, 1)
-        lower_slope = torch.where(unstable, slope, torch.zeros_like(slope))
+        lower_slope = torch.where(dead, torch.zeros_like(slope), slope)
+        upper_slope = torch.where(active, slope, upper_slope)
+        lower_intercept = torch.where(active, (1 - slope) * lo, torch.zeros_like(slope))
+        intercept = torch.where(active, (1 - slope) * up, intercept)
         neg, pos = a.clamp(max=0), a.clamp(min=0)
         g = pos * lower_slope + neg * upper_slope
-        const = const + (neg * intercept).sum(dim=2).reshape(-1)
-        # an active neuron: `slope z + (1 - slope) l` (a >= 0) or `... u` (a < 0)
-        on = active.expand_as(a)
-        g = torch.where(on, a * slope, g)
-        rest = torch.where(on, (1 - slope) * (pos * lo + neg * up), torch.zeros_like(a))
-        const = const + rest.sum(dim=2).reshape(-1)
+        const = const + (neg * intercept + pos * lower_intercept).sum(dim=2).reshape(-1)
         weight = a.abs()
         if beta is not None and splits is not None:
             b_k = beta[k].clamp_min(0)

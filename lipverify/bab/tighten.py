@@ -86,12 +86,9 @@ def tighten_root(chain: Chain, inputs: InputSet, steps: Steps, search: SearchOpt
             sign = torch.where(below[index], -1.0, 1.0).to(torch.float64)
             until = end - options.shrink_share * (end - time.monotonic()) \
                 if options.shrink > 0 else end
-            done = _prove(cut, inputs, root, k, index, sign, torch.zeros_like(sign), search,
-                          until)
-            lo, up = lo.clone(), up.clone()
-            dead, active = index[done & (sign < 0)], index[done & (sign > 0)]
-            up[dead] = up[dead].clamp(max=0.0)
-            lo[active] = lo[active].clamp(min=0.0)
+            zero = torch.zeros_like(sign)
+            done = _prove(cut, inputs, root, k, index, sign, zero, search, until)
+            lo, up = _moved(lo, up, index, sign, zero, done)
         proven.append(int(done.sum()))
         still = torch.nonzero((lo < 0) & (up > 0)).flatten()
         if options.shrink > 0 and len(still) >= options.least and time.monotonic() < end:
@@ -103,10 +100,7 @@ def tighten_root(chain: Chain, inputs: InputSet, steps: Steps, search: SearchOpt
                                 reach_lo[still] - (1 - theta) * (reach_lo[still] - lo[still])])
             target = torch.where(sign < 0, target.clamp(min=0.0), target.clamp(max=0.0))
             moved = _prove(cut, inputs, root, k, index, sign, target, search, end)
-            lo, up = lo.clone(), up.clone()
-            top, bottom = moved & (sign < 0), moved & (sign > 0)
-            up[index[top]] = torch.minimum(up[index[top]], target[top])
-            lo[index[bottom]] = torch.maximum(lo[index[bottom]], target[bottom])
+            lo, up = _moved(lo, up, index, sign, target, moved)
         root = Root([*root.bounds[:k], (lo, up)], root.slopes)
     return Tightened(root, tuple(unstable), tuple(tried), tuple(proven))
 
@@ -127,6 +121,17 @@ def _prove(cut: Chain, inputs: InputSet, root: Root, k: int, index: torch.Tensor
     done = torch.ones(len(index), dtype=torch.bool, device=device)
     done[list(out.open_terms)] = False
     return done
+
+
+def _moved(lo: torch.Tensor, up: torch.Tensor, index: torch.Tensor, sign: torch.Tensor,
+           target: torch.Tensor, proven: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bounds with each proven `sign_i (z_index_i - target_i) > 0` applied: the upper
+    bound lowered to the target where `sign < 0`, the lower one raised where `sign > 0`."""
+    lo, up = lo.clone(), up.clone()
+    top, bottom = proven & (sign < 0), proven & (sign > 0)
+    up[index[top]] = torch.minimum(up[index[top]], target[top])
+    lo[index[bottom]] = torch.maximum(lo[index[bottom]], target[bottom])
+    return lo, up
 
 
 def _reach(cut: Chain, inputs: InputSet, iterations: int, generator: torch.Generator
